@@ -1,0 +1,78 @@
+"""Authorization decisions as values, and the one table that maps deny reasons to gRPC status codes.
+
+The checks produce a `Decision`; the interceptor turns it into a status, and the audit log into a
+record. Clients only ever see the coarse status code; the reason is for the audit log.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import grpc
+
+
+class Reason(enum.StrEnum):
+    """Stable deny-reason codes written to the audit log (documented in README.md)."""
+
+    # The caller could not be identified: UNAUTHENTICATED.
+    CERT_MISSING = "cert_missing"  # no verified peer certificate on the connection
+    CERT_INVALID = "cert_invalid"  # certificate unparseable or fails the client-certificate policy
+    CERT_REVOKED = "cert_revoked"  # serial listed in the CA's CRL
+    TOKEN_MISSING = "token_missing"  # a rule needs a token and the call carried none
+    TOKEN_MALFORMED = "token_malformed"  # not exactly one well-formed "authorization: Bearer <jwt>"
+    TOKEN_BAD_SIGNATURE = "token_bad_signature"  # signature does not verify with the issuer's key
+    TOKEN_UNKNOWN_KEY = "token_unknown_key"  # kid not in the trusted issuer's key set
+    TOKEN_BAD_ALGORITHM = "token_bad_algorithm"  # alg not in the allow-list (none, HS256, ...)
+    TOKEN_EXPIRED = "token_expired"  # exp in the past (beyond leeway)
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # nbf or iat in the future (beyond leeway)
+    TOKEN_WRONG_ISSUER = "token_wrong_issuer"  # iss not a trusted issuer
+    TOKEN_WRONG_AUDIENCE = "token_wrong_audience"  # aud does not name this server
+    TOKEN_WRONG_TYPE = "token_wrong_type"  # typ header is not at+jwt (RFC 9068)
+    TOKEN_MISSING_CLAIM = "token_missing_claim"  # one of exp iat iss aud sub absent
+    TOKEN_INVALID = "token_invalid"  # any other token failure (e.g. unknown crit header)
+    CHECK_ERROR = "check_error"  # an unexpected error while checking: fail closed
+    # The caller is identified but not allowed: PERMISSION_DENIED.
+    SCOPE_MISSING = "scope_missing"  # a rule matched but the token lacks a required scope
+    POLICY_DENIED = "policy_denied"  # a deny rule matched
+    NO_MATCHING_RULE = "no_matching_rule"  # no allow rule matched (default deny)
+
+
+# The one place a deny reason becomes a status code. Unidentified -> UNAUTHENTICATED,
+# identified but not allowed -> PERMISSION_DENIED.
+REASON_STATUS: dict[Reason, grpc.StatusCode] = {
+    reason: (
+        grpc.StatusCode.PERMISSION_DENIED
+        if reason in {Reason.SCOPE_MISSING, Reason.POLICY_DENIED, Reason.NO_MATCHING_RULE}
+        else grpc.StatusCode.UNAUTHENTICATED
+    )
+    for reason in Reason
+}
+
+# What a denied client reads: deliberately the same whatever check failed.
+CLIENT_MESSAGES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNAUTHENTICATED: "request could not be authenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "request is not permitted",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of checking one RPC. `reason` is None exactly when `allowed` is True."""
+
+    allowed: bool
+    reason: Reason | None = None
+    policy_name: str = ""
+    matched_rule: str = ""
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK if self.reason is None else REASON_STATUS[self.reason]
+
+    @staticmethod
+    def allow(policy_name: str, matched_rule: str) -> Decision:
+        return Decision(True, None, policy_name, matched_rule)
+
+    @staticmethod
+    def deny(reason: Reason, policy_name: str = "", matched_rule: str = "") -> Decision:
+        return Decision(False, reason, policy_name, matched_rule)

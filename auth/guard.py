@@ -1,0 +1,96 @@
+"""The check pipeline every RPC goes through, in a fixed order, producing a Decision.
+
+certificate identity -> revocation -> bearer token -> authorization policy. The first failure
+decides; any unexpected error is a denial (fail closed). Everything repeatable is cached: parsed
+certificates (IdentityCache), verified tokens (TokenVerifier), and policy decisions for
+(certificate, method, scopes) when the policy does not look at headers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from auth.decision import Decision, Reason
+from auth.identity import IdentityCache, IdentityError, PeerIdentity, RevocationList
+from auth.policy import Policy
+from auth.tokens import TokenError, TokenVerifier, VerifiedToken
+
+log = logging.getLogger("aigis.guard")
+
+_DECISION_CACHE_MAX = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A Decision plus what the checks learned about the caller (for the audit log)."""
+
+    decision: Decision
+    identity: PeerIdentity | None = None
+    token: VerifiedToken | None = None
+
+
+class Guard:
+    """Decides one RPC from its servicer context. Policy and CRL can be swapped while serving."""
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        policy: Policy,
+        revocations: RevocationList | None = None,
+        identities: IdentityCache | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self._identities = identities or IdentityCache()
+        self._revocations = revocations or RevocationList()
+        self._decisions: dict[tuple[str, str, frozenset[str] | None], Decision] = {}
+        self._policy = policy
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy = policy
+        self._decisions = {}
+
+    @property
+    def revocations(self) -> RevocationList:
+        return self._revocations
+
+    @revocations.setter
+    def revocations(self, revocations: RevocationList) -> None:
+        self._revocations = revocations
+
+    async def check(self, method: str, context: Any) -> Verdict:
+        try:
+            identity = self._identities.from_auth_context(context.auth_context())
+        except IdentityError:
+            return Verdict(Decision.deny(Reason.CERT_MISSING))
+        if self._revocations.is_revoked(identity):
+            return Verdict(Decision.deny(Reason.CERT_REVOKED), identity)
+
+        metadata: Sequence[Any] = context.invocation_metadata() or ()
+        token: VerifiedToken | None = None
+        try:
+            raw = self.verifier.parse_authorization(metadata)
+            if raw is not None:
+                token = await self.verifier.verify(raw)
+        except TokenError as exc:
+            return Verdict(Decision.deny(exc.reason), identity)
+
+        policy = self._policy
+        if policy.uses_headers:
+            return Verdict(policy.evaluate(method, identity, metadata, token), identity, token)
+        key = (identity.fingerprint, method, token.scopes if token is not None else None)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = policy.evaluate(method, identity, metadata, token)
+            if len(self._decisions) >= _DECISION_CACHE_MAX:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return Verdict(decision, identity, token)

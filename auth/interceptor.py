@@ -1,0 +1,156 @@
+"""The server interceptor: runs the Guard before any servicer code, for all four RPC kinds.
+
+An interceptor's `intercept_service` sees only the method name and metadata; the peer
+certificate exists only on the servicer context. So we take the real handler from
+`continuation` and wrap its behaviour by shape: the wrapper checks with the context in hand,
+then runs the servicer. It is also the one place where outcomes become statuses: deny reasons
+(via auth.decision.REASON_STATUS), servicer ServiceErrors, and anything unexpected (INTERNAL).
+Every denied or failed call carries trailing metadata `aigis-request-id`; the client learns
+nothing else about why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from auth.audit import AuditLog, rfc3339_now
+from auth.decision import CLIENT_MESSAGES, Decision, Reason
+from auth.guard import Guard, Verdict
+from auth.policy import AuditCondition
+from server.errors import ServiceError
+
+log = logging.getLogger("aigis.interceptor")
+
+REQUEST_ID_KEY = "aigis-request-id"
+_INTERNAL_MESSAGE = "internal error"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class SecurityInterceptor(aio.ServerInterceptor):
+    """Authenticates, authorizes and audits every RPC before its servicer runs."""
+
+    def __init__(self, guard: Guard, audit: AuditLog | None) -> None:
+        self._guard = guard
+        self._audit = audit
+        # The generic handler returns the same RpcMethodHandler for a method every time, so the
+        # wrapped handler is built once per method, not once per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return None
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.experimental.wrap_server_method_handler(
+            lambda behavior: self._wrap_behavior(method, behavior), handler
+        )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_behavior(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        authorize = self._authorize
+        fail = self._fail
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                await authorize(method, context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(method, context, exc)
+
+            return checked_stream
+
+        if not inspect.iscoroutinefunction(behavior):
+            raise TypeError(f"{method}: grpc.aio servicers must be async (got {behavior!r})")
+
+        async def checked(request: Any, context: aio.ServicerContext) -> Any:
+            await authorize(method, context)
+            try:
+                return await behavior(request, context)
+            except aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(method, context, exc)
+
+        return checked
+
+    async def _authorize(self, method: str, context: aio.ServicerContext) -> None:
+        """Return when the call may proceed; otherwise audit and abort it."""
+        try:
+            verdict = await self._guard.check(method, context)
+        except Exception:
+            # Fail closed: a bug or an unexpected input in a check is a denial, never a pass.
+            request_id = new_request_id()
+            log.exception("check failed for %s (request %s); denying", method, request_id)
+            verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
+            await self._deny(method, context, verdict, request_id)
+            return
+        if verdict.decision.allowed:
+            if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
+                self._audit.record(self._record(method, context, verdict, new_request_id()))
+            return
+        await self._deny(method, context, verdict, new_request_id())
+
+    async def _deny(
+        self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str
+    ) -> None:
+        if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
+            self._audit.record(self._record(method, context, verdict, request_id))
+        code = verdict.decision.status
+        await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
+
+    async def _fail(self, method: str, context: aio.ServicerContext, exc: Exception) -> None:
+        """Turn a servicer exception into a status: ServiceErrors keep their message."""
+        request_id = new_request_id()
+        if isinstance(exc, ServiceError):
+            code, message = exc.code, exc.message
+        else:
+            log.error("%s failed (request %s)", method, request_id, exc_info=exc)
+            code, message = grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE
+        await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
+
+    @staticmethod
+    def _record(
+        method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str
+    ) -> dict[str, Any]:
+        """An A59-named audit record. Never includes the token itself."""
+        decision, identity, token = verdict.decision, verdict.identity, verdict.token
+        return {
+            "timestamp": rfc3339_now(),
+            "request_id": request_id,
+            "rpc_method": method,
+            "authorized": decision.allowed,
+            "reason": decision.reason.value if decision.reason is not None else None,
+            "principal": identity.principal if identity is not None else "",
+            "peer": context.peer(),
+            "client_id": token.client_id if token is not None else None,
+            "sub": token.subject if token is not None else None,
+            "policy_name": decision.policy_name,
+            "matched_rule": decision.matched_rule,
+        }
+
+
+_AUDIT_DENIALS = frozenset({AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW})
+_AUDIT_ALLOWS = frozenset({AuditCondition.ON_ALLOW, AuditCondition.ON_DENY_AND_ALLOW})

@@ -1,0 +1,250 @@
+"""Assembles and runs the aigis server: one function builds it, one runs it until a signal.
+
+TLS with a required client certificate is the only way in; there is no plaintext port. The
+embedded token issuer starts first (its bound port names the `iss` the server trusts), then the
+gRPC server with the security interceptor in front of every servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from auth.audit import AuditLog
+from auth.guard import Guard
+from auth.identity import RevocationList
+from auth.interceptor import SecurityInterceptor
+from auth.issuer import IssuerConfig, IssuerServer
+from auth.pki import PkiPaths
+from auth.policy import Policy
+from auth.tokens import TokenVerifier, TrustedIssuer
+from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from server.calculator import CalculatorServicer
+from server.classifier import ImageClassificationServicer
+from server.config import Config
+from server.model import ModelRegistry
+
+log = logging.getLogger("aigis.server")
+
+SERVICE_NAMES = (
+    calculator_pb2.DESCRIPTOR.services_by_name["Calculator"].full_name,
+    classifier_pb2.DESCRIPTOR.services_by_name["ImageClassificationService"].full_name,
+)
+RELOAD_INTERVAL_SECONDS = 2.0
+
+
+class StartupError(RuntimeError):
+    """The server cannot start: a missing or invalid file, named in the message."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{what} {path}: {exc.strerror} (run `aigis certs init` first?)") from None
+
+
+def server_credentials(pki: PkiPaths) -> grpc.ServerCredentials:
+    """mTLS only: the handshake itself refuses clients without a certificate from our CA."""
+    return grpc.ssl_server_credentials(
+        [(_read(pki.server_key, "server key"), _read(pki.server_cert, "server certificate"))],
+        root_certificates=_read(pki.ca_cert, "CA certificate"),
+        require_client_auth=True,
+    )
+
+
+def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIssuer]:
+    issuers = [
+        TrustedIssuer(e.issuer, e.audience, jwks_file=e.jwks_file, jwks_url=e.jwks_url, ca_file=e.ca_file)
+        for e in config.external_issuers
+    ]
+    if embedded_url is not None or not issuers:
+        url = embedded_url or config.issuer.issuer_url()
+        issuers.append(TrustedIssuer(url, config.issuer.audience, jwks_file=PkiPaths(config.certs).jwks))
+    return issuers
+
+
+class FileWatcher:
+    """Reloads a file when its mtime changes; a broken new file is refused, the last good kept."""
+
+    def __init__(self, path: Path, load: Callable[[], object], apply: Callable[[object], None]) -> None:
+        self.path, self._load, self._apply = path, load, apply
+        self._stamp = self._mtime()
+
+    def _mtime(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    async def poll(self) -> None:
+        stamp = await asyncio.to_thread(self._mtime)
+        if stamp == self._stamp or stamp is None:
+            return
+        self._stamp = stamp
+        try:
+            value = await asyncio.to_thread(self._load)
+        except Exception as exc:
+            log.error("refusing changed %s, keeping the last good one: %s", self.path, exc)
+            return
+        self._apply(value)
+        log.info("reloaded %s", self.path)
+
+
+@dataclass
+class AigisServer:
+    """A running aigis: the gRPC server, the embedded issuer, the audit writer."""
+
+    config: Config
+    server: aio.Server
+    port: int
+    issuer: IssuerServer | None
+    audit: AuditLog
+    executor: ThreadPoolExecutor
+    health: HealthServicer
+    watchers: list[FileWatcher]
+    _reload_task: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.port}"
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL_SECONDS)
+            for watcher in self.watchers:
+                await watcher.poll()
+
+    async def reload_now(self) -> None:
+        """Check watched files immediately (tests and SIGHUP)."""
+        for watcher in self.watchers:
+            await watcher.poll()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: refuse new calls, let running ones finish within `grace`, then drain audit."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reload_task
+        await self.server.stop(grace)
+        if self.issuer is not None:
+            await asyncio.to_thread(self.issuer.stop)
+        await asyncio.to_thread(self.audit.close)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_server(config: Config) -> AigisServer:
+    """Build everything from `config` and start serving. Raises StartupError on bad input."""
+    pki = PkiPaths(config.certs)
+    credentials = server_credentials(pki)
+    try:
+        policy = await asyncio.to_thread(Policy.load, config.policy)
+        revocations = await asyncio.to_thread(RevocationList.load, pki.crl, pki.ca_cert)
+        registry = await asyncio.to_thread(ModelRegistry.load, config.models)
+    except StartupError:
+        raise
+    except Exception as exc:
+        raise StartupError(str(exc)) from None
+
+    issuer: IssuerServer | None = None
+    if config.issuer.enabled:
+        issuer = IssuerServer(
+            IssuerConfig(
+                paths=pki,
+                host=config.issuer.listen.host,
+                port=config.issuer.listen.port,
+                issuer_url=config.issuer.url or None,
+                audience=config.issuer.audience,
+                token_ttl=config.issuer.token_ttl,
+            )
+        )
+        await asyncio.to_thread(issuer.start)
+    try:
+        verifier = TokenVerifier(
+            trusted_issuers(config, issuer.issuer_url if issuer is not None else None),
+            algorithms=config.algorithms,
+            leeway=config.leeway,
+        )
+    except Exception as exc:
+        if issuer is not None:
+            issuer.stop()
+        raise StartupError(f"token verification keys: {exc}") from None
+
+    guard = Guard(verifier=verifier, policy=policy, revocations=revocations)
+    audit = AuditLog(config.audit_log)
+    audit.start()
+    max_bytes = config.max_message_bytes
+    server = aio.server(
+        interceptors=[SecurityInterceptor(guard, audit)],
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
+    calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), server)
+    classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(
+        ImageClassificationServicer(registry, executor), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        port = server.add_secure_port(str(config.listen), credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {config.listen}: {exc}") from None
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def apply_policy(value: object) -> None:
+        guard.policy = value  # type: ignore[assignment]
+
+    def apply_crl(value: object) -> None:
+        guard.revocations = value  # type: ignore[assignment]
+
+    watchers = [
+        FileWatcher(config.policy, lambda: Policy.load(config.policy), apply_policy),
+        FileWatcher(pki.crl, lambda: RevocationList.load(pki.crl, pki.ca_cert), apply_crl),
+    ]
+    running = AigisServer(config, server, port, issuer, audit, executor, health, watchers)
+    running._reload_task = asyncio.create_task(running._reload_loop())
+    log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")
+    if issuer is not None:
+        log.info("token issuer at %s", issuer.url)
+    return running
+
+
+async def serve(config: Config, *, ready: Callable[[AigisServer], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start_server(config)
+    if ready is not None:
+        ready(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (grace %.1fs)", config.grace_seconds)
+        await running.stop()

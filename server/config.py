@@ -1,0 +1,243 @@
+"""Server configuration: one TOML file (`aigis.toml`) into one frozen, validated object.
+
+Every value has a safe default, so no file is needed for the embedded setup. Unknown keys and
+invalid values stop start-up with a message naming the key (a typo must not silently fall back
+to a default). Relative paths in the file are relative to the file; command-line overrides are
+relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLED_MODELS = PACKAGE_DIR / "models"
+BUNDLED_POLICY = PACKAGE_DIR / "policy.json"
+ALLOWED_ALGORITHMS = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
+
+
+TOML_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+                   list: "an array", dict: "a table"}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ExternalIssuer:
+    """A token issuer other than the embedded one: tokens from it are trusted for this audience."""
+
+    issuer: str
+    audience: str
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class IssuerSettings:
+    """The embedded OAuth2 client-credentials issuer started beside the gRPC server."""
+
+    enabled: bool = True
+    listen: HostPort = HostPort("127.0.0.1", 8443)
+    url: str = ""  # the `iss` value; empty means https://localhost:<port>
+    audience: str = "aigis"
+    token_ttl: timedelta = timedelta(minutes=5)
+
+    def issuer_url(self, port: int | None = None) -> str:
+        return self.url or f"https://localhost:{port if port is not None else self.listen.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: HostPort = HostPort("127.0.0.1", 50051)
+    certs: Path = Path("certs")
+    models: Path = BUNDLED_MODELS
+    policy: Path = BUNDLED_POLICY
+    audit_log: Path = Path("aigis-audit.jsonl")
+    max_message_bytes: int = 8 * 1024 * 1024  # room for a multi-megapixel encoded image
+    grace_seconds: float = 5.0
+    inference_threads: int = 2
+    leeway: timedelta = timedelta(seconds=30)
+    algorithms: tuple[str, ...] = ("ES256", "RS256", "EdDSA")
+    issuer: IssuerSettings = field(default_factory=IssuerSettings)
+    # Trusted external issuers. When empty, tokens from the embedded issuer are trusted.
+    external_issuers: tuple[ExternalIssuer, ...] = ()
+
+
+def parse_host_port(value: Any, key: str) -> HostPort:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT with a port 0-65535, got {value!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost" and not all(part.isalnum() or "-" in part for part in host.split(".")):
+            raise ConfigError(f"{key}: {host!r} is not a host name or IP address") from None
+    return HostPort(host, int(port_text))
+
+
+class _Section:
+    """Typed reads from one TOML table that remember which keys were used."""
+
+    def __init__(self, table: Mapping[str, Any], prefix: str, base: Path) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{prefix}: expected a table")
+        self.table, self.prefix, self.base, self.used = table, prefix, base, set[str]()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # TOML booleans are Python ints; `true` is not a valid port or thread count.
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join(TOML_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise ConfigError(f"{self.key(name)}: expected {expected}, got {value!r}")
+        return value
+
+    def path(self, name: str, default: Path | None) -> Path | None:
+        value = self.get(name, str, None)
+        if value is None:
+            return default
+        if not value:
+            raise ConfigError(f"{self.key(name)}: must not be empty")
+        return (self.base / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+    def positive(self, name: str, default: float, kind: type | tuple[type, ...] = (int, float)) -> Any:
+        value = self.get(name, kind, default)
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be greater than 0, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
+    """Validate a parsed TOML document; paths in it are relative to `base`."""
+    default = Config()
+    top = _Section(data, "", base)
+    server = _Section(top.get("server", dict, {}), "server", base)
+    auth = _Section(top.get("auth", dict, {}), "auth", base)
+    issuer = _Section(top.get("issuer", dict, {}), "issuer", base)
+    audit = _Section(top.get("audit", dict, {}), "audit", base)
+    top.finish()
+
+    listen = server.get("listen", str, None)
+    algorithms = auth.get("algorithms", list, list(default.algorithms))
+    for i, alg in enumerate(algorithms):
+        if alg not in ALLOWED_ALGORITHMS:
+            raise ConfigError(f"auth.algorithms[{i}]: {alg!r} is not one of {', '.join(ALLOWED_ALGORITHMS)}")
+    if not algorithms:
+        raise ConfigError("auth.algorithms: must name at least one algorithm")
+    leeway = auth.get("leeway_seconds", (int, float), default.leeway.total_seconds())
+    if not 0 <= leeway <= 300:
+        raise ConfigError(f"auth.leeway_seconds: must be between 0 and 300, got {leeway!r}")
+    externals = tuple(
+        _external_issuer(entry, f"auth.issuers[{i}]", base)
+        for i, entry in enumerate(auth.get("issuers", list, []))
+    )
+    issuer_listen = issuer.get("listen", str, None)
+    issuer_url = issuer.get("url", str, "")
+    if issuer_url and not issuer_url.startswith("https://"):
+        raise ConfigError(f"issuer.url: must be an https:// URL, got {issuer_url!r}")
+    issuer_settings = IssuerSettings(
+        enabled=issuer.get("enabled", bool, True),
+        listen=parse_host_port(issuer_listen, "issuer.listen") if issuer_listen else IssuerSettings.listen,
+        url=issuer_url,
+        audience=issuer.get("audience", str, "aigis") or _empty("issuer.audience"),
+        token_ttl=timedelta(seconds=issuer.positive("token_ttl_seconds", 300, int)),
+    )
+    config = Config(
+        listen=parse_host_port(listen, "server.listen") if listen else default.listen,
+        certs=server.path("certs", default.certs) or default.certs,
+        models=server.path("models", default.models) or default.models,
+        policy=auth.path("policy", default.policy) or default.policy,
+        audit_log=audit.path("path", default.audit_log) or default.audit_log,
+        max_message_bytes=server.positive("max_message_bytes", default.max_message_bytes, int),
+        grace_seconds=server.positive("grace_seconds", default.grace_seconds),
+        inference_threads=server.positive("inference_threads", default.inference_threads, int),
+        leeway=timedelta(seconds=leeway),
+        algorithms=tuple(algorithms),
+        issuer=issuer_settings,
+        external_issuers=externals,
+    )
+    for section in (server, auth, issuer, audit):
+        section.finish()
+    return config
+
+
+def _empty(key: str) -> str:
+    raise ConfigError(f"{key}: must not be empty")
+
+
+def _external_issuer(entry: Any, prefix: str, base: Path) -> ExternalIssuer:
+    section = _Section(entry, prefix, base)
+    issuer = section.get("issuer", str, "") or _empty(f"{prefix}.issuer")
+    audience = section.get("audience", str, "") or _empty(f"{prefix}.audience")
+    jwks_url = section.get("jwks_url", str, None)
+    jwks_file = section.path("jwks_file", None)
+    ca_file = section.path("ca_file", None)
+    section.finish()
+    if (jwks_url is None) == (jwks_file is None):
+        raise ConfigError(f"{prefix}: set exactly one of jwks_url and jwks_file")
+    if jwks_url is not None and not jwks_url.startswith("https://"):
+        raise ConfigError(f"{prefix}.jwks_url: must be an https:// URL, got {jwks_url!r}")
+    return ExternalIssuer(issuer, audience, jwks_url, jwks_file, ca_file)
+
+
+def load_config(path: Path | None, **overrides: Any) -> Config:
+    """Load `path` (or the defaults when None), then apply command-line overrides.
+
+    Overrides use Config field names; None values are ignored. `listen` and `issuer_listen`
+    take HOST:PORT strings.
+    """
+    if path is None:
+        config = Config()
+    else:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+        config = config_from_mapping(data, path.resolve().parent)
+    changes: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name == "listen":
+            changes["listen"] = parse_host_port(value, "--listen")
+        elif name == "issuer_listen":
+            changes["issuer"] = replace(config.issuer, listen=parse_host_port(value, "--issuer-listen"))
+        elif name in {"certs", "models", "policy", "audit_log"}:
+            changes[name] = Path(value)
+        else:
+            raise ConfigError(f"unknown override {name!r}")
+    return replace(config, **changes)

@@ -1,0 +1,178 @@
+"""The `aigis` command line: certificates, serve, tokens, calls, audit, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from auth.pki import PkiPaths
+from tools import audit_cmd, certs_cmd
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_ISSUER = "https://localhost:8443"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import StartupError, serve
+    from server.config import ConfigError, load_config
+
+    try:
+        config = load_config(
+            args.config,
+            listen=args.listen,
+            certs=args.certs,
+            policy=args.policy,
+            audit_log=args.audit_log,
+            issuer_listen=args.issuer_listen,
+            models=args.models,
+        )
+    except ConfigError as exc:
+        print(f"aigis serve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(running: object) -> None:
+        port = running.port  # type: ignore[attr-defined]
+        issuer = running.issuer  # type: ignore[attr-defined]
+        info = {"target": f"localhost:{port}", "port": port, "issuer_url": issuer.url if issuer else None}
+        issuer_note = f", token issuer {issuer.url}" if issuer else ""
+        print(f"aigis: serving on {config.listen.host}:{port}{issuer_note}", flush=True)
+        if args.ready_file:
+            tmp = args.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, args.ready_file)
+
+    try:
+        asyncio.run(serve(config, ready=ready))
+    except StartupError as exc:
+        print(f"aigis serve: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _client_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    pki = PkiPaths(args.certs)
+    return pki.ca_cert, pki.client_cert(args.client), pki.client_key(args.client)
+
+
+def _token_provider(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from client_sdk import ClientCredentials
+
+    ca, cert, key = _client_paths(args)
+    return ClientCredentials(
+        args.issuer.rstrip("/") + "/oauth2/token", ca=ca, cert=cert, key=key, scopes=tuple(args.scope or ())
+    )
+
+
+def _token(args: argparse.Namespace) -> int:
+    from client_sdk import AigisError
+
+    try:
+        print(_token_provider(args).token())
+    except AigisError as exc:
+        print(f"aigis token: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _call(args: argparse.Namespace) -> int:
+    from client_sdk import AigisError, Client
+
+    ca, cert, key = _client_paths(args)
+    try:
+        with Client(args.target, ca=ca, cert=cert, key=key, token_provider=_token_provider(args),
+                    default_timeout=args.timeout) as client:
+            if args.rpc == "add":
+                print(client.add(args.a, args.b))
+            elif args.rpc == "sum":
+                print(client.sum(args.numbers))
+            elif args.rpc == "fibonacci":
+                print(" ".join(str(n) for n in client.fibonacci(args.count)))
+            elif args.rpc == "running-sum":
+                print(" ".join(str(n) for n in client.running_sum(args.numbers)))
+            elif args.rpc == "classify":
+                result = client.classify(args.file, model=args.model, top_k=args.top_k)
+                print(f"{result.category}  p={result.probability:.4f}  model={result.model}")
+                for item in result.top[1:]:
+                    print(f"  {item.label}  p={item.probability:.4f}")
+            elif args.rpc == "models":
+                for model in client.list_models():
+                    print(f"{model.name} {model.version} input={list(model.input_shape)} "
+                          f"labels={len(model.labels)}{' (default)' if model.is_default else ''}")
+            elif args.rpc == "health":
+                print(client.health())
+    except AigisError as exc:
+        print(f"aigis call {args.rpc}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aigis", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    certs_cmd.register(sub)
+    audit_cmd.register(sub)
+
+    serve = sub.add_parser("serve", help="run the gRPC server and the embedded token issuer")
+    serve.add_argument("--config", type=Path, help="aigis.toml (defaults apply without one)")
+    serve.add_argument("--listen", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
+    serve.add_argument("--certs", type=Path, help="certificate directory (default ./certs)")
+    serve.add_argument("--policy", type=Path, help="authorization policy JSON (default: bundled)")
+    serve.add_argument("--audit-log", type=Path, help="audit log path (default ./aigis-audit.jsonl)")
+    serve.add_argument("--issuer-listen", help="HOST:PORT for the token issuer (default 127.0.0.1:8443)")
+    serve.add_argument("--models", type=Path, help="model directory (default: the bundled models)")
+    serve.add_argument("--ready-file", type=Path,
+                       help="once serving, write {target, port, issuer_url} JSON here")
+    serve.set_defaults(func=_serve)
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--certs", type=Path, default=Path("certs"), help="certificate directory")
+        p.add_argument("--client", default="demo", help="client name (its certificate authenticates)")
+        p.add_argument("--issuer", default=DEFAULT_ISSUER, help="token issuer base URL")
+        p.add_argument("--scope", action="append", help="request only this scope (repeatable)")
+
+    token = sub.add_parser("token", help="obtain an access token from the issuer (client credentials)")
+    client_options(token)
+    token.set_defaults(func=_token)
+
+    call = sub.add_parser("call", help="call the server through the SDK")
+    client_options(call)
+    call.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT")
+    call.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    rpcs = call.add_subparsers(dest="rpc", required=True)
+    add = rpcs.add_parser("add", help="Add A B")
+    add.add_argument("a", type=int)
+    add.add_argument("b", type=int)
+    for name, what in (("sum", "Sum N..."), ("running-sum", "RunningSum N...")):
+        p = rpcs.add_parser(name, help=what)
+        p.add_argument("numbers", type=int, nargs="+")
+    fib = rpcs.add_parser("fibonacci", help="Fibonacci COUNT")
+    fib.add_argument("count", type=int)
+    classify = rpcs.add_parser("classify", help="ClassifyImage FILE (PNG or JPEG)")
+    classify.add_argument("file", type=Path)
+    classify.add_argument("--model", default="")
+    classify.add_argument("--top-k", type=int, default=3)
+    rpcs.add_parser("models", help="ListModels")
+    rpcs.add_parser("health", help="grpc.health.v1 Check")
+    call.set_defaults(func=_call)
+
+    demo = sub.add_parser("demo", help="the whole flow on a throwaway directory")
+    demo.add_argument("--dir", type=Path, help="keep everything here instead of a temporary directory")
+    demo.set_defaults(func=lambda args: __import__("tools.demo", fromlist=["main"]).main(args.dir))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

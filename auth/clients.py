@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ HASH_BYTES = 32
 _MAX_N, _MAX_R, _MAX_P = 2**20, 32, 16
 # Secrets we generate are 43 characters; anything far longer is not ours and is not worth hashing.
 MAX_SECRET_BYTES = 512
+
+# Client names become file names, SPIFFE path segments, the OAuth client_id and the token `sub`.
+CLIENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+SCOPE_TOKEN_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
 class RegistryError(Exception):
@@ -160,10 +166,14 @@ class RegisteredClient:
         spiffe_id = data.get("spiffe_id")
         scopes = data.get("scopes")
         revoked = data.get("revoked", False)
+        if not CLIENT_NAME_RE.fullmatch(name):
+            raise RegistryError(f"{where}: invalid client name")
         if not isinstance(spiffe_id, str) or not spiffe_id.startswith("spiffe://"):
             raise RegistryError(f"{where}.spiffe_id: expected a spiffe:// URI")
-        if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
-            raise RegistryError(f"{where}.scopes: expected a list of non-empty strings")
+        if not isinstance(scopes, list) or not all(
+            isinstance(s, str) and SCOPE_TOKEN_RE.fullmatch(s) for s in scopes
+        ):
+            raise RegistryError(f"{where}.scopes: expected a list of RFC 6749 scope tokens")
         if not isinstance(revoked, bool):
             raise RegistryError(f"{where}.revoked: expected true or false")
         try:

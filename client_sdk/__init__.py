@@ -1,0 +1,61 @@
+"""aigis client SDK: typed sync and asyncio clients over mutual TLS with OAuth2 bearer tokens.
+
+    from client_sdk import Client, ClientCredentials
+
+    tokens = ClientCredentials("https://issuer:8443/oauth2/token", ca="certs/ca.pem",
+                               cert="certs/clients/demo.pem", key="certs/clients/demo-key.pem")
+    with Client("localhost:50051", ca="certs/ca.pem", cert="certs/clients/demo.pem",
+                key="certs/clients/demo-key.pem", token_provider=tokens) as client:
+        client.add(2, 3)
+
+Failures are `AigisError` subclasses carrying the status code and the server's request id.
+"""
+
+from client_sdk.aio import AsyncClient
+from client_sdk.client import Client
+from client_sdk.errors import (
+    STATUS_ERRORS,
+    AigisError,
+    AuthenticationError,
+    CallCancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TokenError,
+    UnavailableError,
+    UnimplementedError,
+)
+from client_sdk.tokens import ClientCredentials, StaticToken, TokenProvider
+from client_sdk.types import Classification, LabelProbability, ModelInfo, SumResult
+
+__all__ = [
+    "STATUS_ERRORS",
+    "AigisError",
+    "AsyncClient",
+    "AuthenticationError",
+    "CallCancelledError",
+    "Classification",
+    "Client",
+    "ClientCredentials",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InternalError",
+    "InvalidArgumentError",
+    "LabelProbability",
+    "ModelInfo",
+    "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "StaticToken",
+    "SumResult",
+    "TokenError",
+    "TokenProvider",
+    "UnavailableError",
+    "UnimplementedError",
+]

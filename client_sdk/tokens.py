@@ -24,6 +24,8 @@ from datetime import timedelta
 from os import PathLike
 from typing import Protocol, runtime_checkable
 
+from client_sdk.errors import TokenError
+
 # RFC 6750 §2.1 b64token: the only characters a bearer token may have. Checking it also keeps a
 # hostile token endpoint from injecting header lines through the token.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -253,5 +255,3 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def _opener(context: ssl.SSLContext) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect())
 
-
-from client_sdk.errors import TokenError  # noqa: E402 - after the helpers that mention it

@@ -79,11 +79,14 @@ def _decode_encoded(data: bytes, limits: ImageLimits) -> Image.Image:
         # formats= stops Pillow from trying its other (less exercised) decoders on hostile bytes.
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.UnidentifiedImageError:
-        raise InvalidArgument("image data is not a PNG or JPEG image") from None
+        raise InvalidArgument("image data is not a valid PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own check, far above our limit: an error above 2x its limit, a warning below
+        # (an error under pytest; otherwise logged once, and our size check below refuses).
+        raise InvalidArgument(f"image declares too many pixels; the limit is "
+                              f"{limits.max_width}x{limits.max_height}") from None
     except _DECODE_ERRORS:
-        # Includes Pillow's own decompression-bomb refusals (the warning is an error under
-        # pytest and above 2x its limit); our pixel limit is far lower anyway.
-        raise InvalidArgument("image header is corrupt or declares too many pixels") from None
+        raise InvalidArgument("image header is corrupt") from None
     with img:
         # The header's size is known before decoding: refuse big images before spending memory.
         _check_size(*img.size, limits)

@@ -7,6 +7,7 @@ the embedded issuer listens on port 0 too. Tests talk to it over real TLS with r
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ import pytest
 from auth.audit import read_records
 from auth.pki import PkiPaths
 from server.app import AigisServer, start_server
-from server.config import Config, HostPort, IssuerSettings
+from server.config import BUNDLED_POLICY, Config, HostPort, IssuerSettings
 from tools.certs import init_pki, issue_client, revoke_client
 
 CALC = "calculator:compute"
@@ -53,12 +54,14 @@ class RunningStack:
 
 
 def make_pki(root: Path, now: datetime) -> tuple[PkiPaths, str]:
-    """A full PKI: demo (both scopes), reader (predict only), calc-only, secret-client, revoked."""
+    """A full PKI: demo (both scopes), reader (predict only), calc-only, secret-client, revoked,
+    and blocked (both scopes, but named by a deny rule in the test policy)."""
     pki = PkiPaths(root)
     init_pki(pki, now=now)
     issue_client(pki, "reader", scopes=[PREDICT], now=now)
     issue_client(pki, "calc-only", scopes=[CALC], now=now)
     issue_client(pki, "revoked", scopes=[CALC, PREDICT], now=now)
+    issue_client(pki, "blocked", scopes=[CALC, PREDICT], now=now)
     secret = issue_client(pki, "secret-client", scopes=[CALC, PREDICT], now=now, with_secret=True).secret
     assert secret
     revoke_client(pki, "revoked", now=now)
@@ -82,7 +85,19 @@ class ServerThread:
         self.loop.close()
 
 
+def policy_with_deny_rule(directory: Path) -> Path:
+    """The bundled default policy plus one deny rule, so deny-beats-allow is exercised end to end."""
+    policy = json.loads(BUNDLED_POLICY.read_text())
+    policy["deny_rules"] = [
+        {"name": "deny-blocked-client", "source": {"principals": ["spiffe://aigis.local/client/blocked"]}}
+    ]
+    path = directory / "policy.json"
+    path.write_text(json.dumps(policy, indent=2))
+    return path
+
+
 def stack_config(pki: PkiPaths, audit_log: Path, **changes: Any) -> Config:
+    changes.setdefault("policy", policy_with_deny_rule(audit_log.parent))
     return replace(
         Config(),
         listen=HostPort("127.0.0.1", 0),

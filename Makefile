@@ -1,0 +1,38 @@
+# Two commands matter: `make demo` (the whole flow) and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint protos model serve clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/aigis demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m tools.gen_protos --check
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Regenerate the committed protobuf/gRPC code from protos/**/*.proto.
+protos: $(STAMP)
+	$(BIN)/python -m tools.gen_protos
+
+# Retrain the bundled digits model (deterministic: same seed, same bytes).
+model: $(STAMP)
+	$(BIN)/python -m tools.train_digits
+
+serve: $(STAMP)
+	$(BIN)/aigis serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

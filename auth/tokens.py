@@ -1,0 +1,521 @@
+"""Verify OAuth2 JWT access tokens (RFC 9068) presented as ``authorization: Bearer <jwt>`` (RFC 6750).
+
+The hot path is a dict lookup: a token that verified before is served from a bounded cache until its
+``exp``. A miss runs the checks below in this fixed order; the first failure decides, and every failure
+is exactly one `Reason`:
+
+====  ==============================================================  ===========================
+step  check                                                           reason on failure
+====  ==============================================================  ===========================
+ 0    one ``authorization`` entry, ``Bearer <token68>``, <= 8 KiB      TOKEN_MALFORMED
+ 1    compact JWS: three base64url segments, JSON object header        TOKEN_MALFORMED
+      and payload (PyJWT ``DecodeError``)
+ 2    no ``crit`` header: we implement no JWS extension                TOKEN_INVALID
+ 3    ``typ`` is ``at+jwt`` or ``application/at+jwt`` (RFC 9068 §4)    TOKEN_WRONG_TYPE
+ 4    ``alg`` in our allow-list (stops ``none``, HS256-with-the-         TOKEN_BAD_ALGORITHM
+      public-key, ... before any key is touched)
+ 5    unverified ``iss`` names a TrustedIssuer (absent: MISSING_CLAIM) TOKEN_WRONG_ISSUER
+ 6    ``kid`` names a signing key of *that* issuer's JWK Set           TOKEN_UNKNOWN_KEY
+ 7    ``jwt.decode`` with that one key and alg, ``require`` exp iat iss aud sub, ``issuer`` and
+      ``audience``; PyJWT exceptions map as follows (subclasses first):
+        ExpiredSignatureError -> TOKEN_EXPIRED, ImmatureSignatureError -> TOKEN_NOT_YET_VALID,
+        InvalidAudienceError -> TOKEN_WRONG_AUDIENCE, InvalidIssuerError -> TOKEN_WRONG_ISSUER,
+        MissingRequiredClaimError -> TOKEN_MISSING_CLAIM,
+        InvalidSignatureError -> TOKEN_BAD_SIGNATURE (a DecodeError subclass, so tested first),
+        InvalidAlgorithmError -> TOKEN_BAD_ALGORITHM (also: alg does not fit the key's type),
+        DecodeError -> TOKEN_MALFORMED, anything else (InvalidKeyError for a short RSA key,
+        InvalidSubjectError, InvalidJTIError, ...) -> TOKEN_INVALID
+ 8    ``exp`` > now - leeway                                           TOKEN_EXPIRED
+      ``nbf`` (if present) and ``iat`` <= now + leeway                 TOKEN_NOT_YET_VALID
+      time claims that are not JSON numbers                            TOKEN_INVALID
+ 9    ``sub`` non-empty, ``client_id``/``jti`` strings, ``scope`` a     TOKEN_INVALID
+      string (or ``scp`` a string or list of strings), ``cnf`` object
+ *    any unexpected exception (fail closed)                           TOKEN_INVALID
+====  ==============================================================  ===========================
+
+PyJWT reads the wall clock itself, so its exp/nbf/iat checks are switched off and step 8 runs here
+against the injected ``clock`` (tests pin it; the cache uses the same clock). ``jku``, ``x5u``,
+``jwk`` and ``x5c`` headers are never read: keys come only from the configured JWK Sets.
+A `TokenError` never carries the token, nor PyJWT's message (which may echo attacker input).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import ssl
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from itertools import islice
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jwt
+from jwt import PyJWK, PyJWKClient, PyJWKSet
+
+from auth.decision import Reason
+
+log = logging.getLogger("aigis.tokens")
+
+# RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token, and b64token is token68. We accept exactly one
+# space. The auth-scheme is case-insensitive (RFC 9110 §11.1).
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9\-._~+/]+=*)")
+# grpc refuses metadata above ~8-16 KiB anyway; this bounds our parsing work before any crypto.
+MAX_AUTHORIZATION_CHARS = 8 * 1024
+# RFC 9068 §4: resource servers MUST verify typ is "at+jwt" or "application/at+jwt".
+_ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+# Asymmetric algorithms only: a JWK Set holds public keys, and an HS* allow-list would let a public key
+# be used as an HMAC secret.
+SUPPORTED_ALGORITHMS = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
+_REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
+_JWKS_FETCH_TIMEOUT_SECONDS = 10.0
+
+# Subclasses before their bases: InvalidSignatureError is a DecodeError.
+_PYJWT_REASONS: tuple[tuple[type[Exception], Reason], ...] = (
+    (jwt.ExpiredSignatureError, Reason.TOKEN_EXPIRED),
+    (jwt.ImmatureSignatureError, Reason.TOKEN_NOT_YET_VALID),
+    (jwt.InvalidAudienceError, Reason.TOKEN_WRONG_AUDIENCE),
+    (jwt.InvalidIssuerError, Reason.TOKEN_WRONG_ISSUER),
+    (jwt.MissingRequiredClaimError, Reason.TOKEN_MISSING_CLAIM),
+    (jwt.InvalidSignatureError, Reason.TOKEN_BAD_SIGNATURE),
+    (jwt.InvalidAlgorithmError, Reason.TOKEN_BAD_ALGORITHM),
+    (jwt.DecodeError, Reason.TOKEN_MALFORMED),
+)
+
+
+class TokenError(Exception):
+    """A token was refused. `reason` goes to the audit log; the message never contains the token."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+
+
+class KeySetError(Exception):
+    """A JWK Set (file or URL) could not be loaded: a configuration error, raised at start-up/reload."""
+
+
+@dataclass(frozen=True)
+class TrustedIssuer:
+    """An authorization server whose access tokens we accept for `audience`."""
+
+    issuer: str  # compared exactly with the token's `iss`
+    audience: str  # this resource server's identifier, which must appear in `aud`
+    jwks_file: Path | None = None
+    jwks_url: str | None = None  # https only
+    ca_file: Path | None = None  # trust anchor for a private-CA https `jwks_url`
+
+    def __post_init__(self) -> None:
+        if not self.issuer or not self.audience:
+            raise ValueError("TrustedIssuer needs a non-empty issuer and audience")
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError(f"issuer {self.issuer!r}: give exactly one of jwks_file and jwks_url")
+        if self.jwks_url is not None and urlparse(self.jwks_url).scheme != "https":
+            raise ValueError(f"issuer {self.issuer!r}: jwks_url must be https")
+        if self.ca_file is not None and self.jwks_url is None:
+            raise ValueError(f"issuer {self.issuer!r}: ca_file only applies to jwks_url")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    """The claims of a verified access token that authorization and audit use."""
+
+    subject: str
+    client_id: str  # `client_id` claim (RFC 9068 §2.2), else `sub`
+    scopes: frozenset[str]
+    issuer: str
+    expires_at: float  # `exp`, seconds since the epoch
+    jti: str | None
+    cnf_x5t_s256: str | None  # RFC 8705 certificate thumbprint the token is bound to, if any
+
+
+def parse_authorization(metadata: Iterable[Any] | None) -> str | None:
+    """The bearer token from invocation metadata: None if absent, TokenError if malformed.
+
+    `metadata` holds (key, value) pairs or grpc `_Metadatum` named tuples; grpc lowercases keys.
+    """
+    found: str | None = None
+    count = 0
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            count += 1
+            found = value
+    if count == 0:
+        return None
+    if count > 1:
+        raise TokenError(Reason.TOKEN_MALFORMED, "more than one authorization entry")
+    if not isinstance(found, str) or len(found) > MAX_AUTHORIZATION_CHARS:
+        raise TokenError(Reason.TOKEN_MALFORMED, "authorization entry too large or not text")
+    match = _BEARER.fullmatch(found)
+    if match is None:
+        raise TokenError(Reason.TOKEN_MALFORMED, "authorization is not 'Bearer <token68>'")
+    return match.group(1)
+
+
+# JWK members that only private or symmetric keys have (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
+_SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+@dataclass(frozen=True)
+class _KeySet:
+    keys: dict[str, PyJWK]  # kid -> key, signing keys only
+    digest: str  # canonical JSON of the published keys: tells whether a reload changed anything
+
+
+def parse_jwks(data: Any, source: str) -> _KeySet:
+    """Validate a JWK Set (RFC 7517 §5) and index its signing keys by kid."""
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise KeySetError(f"{source}: not a JWK Set object with a 'keys' list")
+    for raw in data["keys"]:
+        # A published set must never carry a private or symmetric key; refuse rather than skip, so
+        # the mistake is noticed (and never echo the key material).
+        if isinstance(raw, dict) and _SECRET_MEMBERS & raw.keys():
+            raise KeySetError(f"{source}: a key (kid {raw.get('kid')!r}) contains private or secret material")
+    try:
+        jwk_set = PyJWKSet.from_dict(data)
+    except jwt.PyJWTError as exc:
+        raise KeySetError(f"{source}: no usable keys ({type(exc).__name__})") from None
+    keys: dict[str, PyJWK] = {}
+    for key in jwk_set.keys:
+        if key.public_key_use not in ("sig", None) or not isinstance(key.key_id, str) or not key.key_id:
+            continue
+        if key.key_id in keys:
+            raise KeySetError(f"{source}: duplicate kid {key.key_id!r}")
+        keys[key.key_id] = key
+    if not keys:
+        raise KeySetError(f"{source}: no signing keys with a kid")
+    return _KeySet(keys, json.dumps(data["keys"], sort_keys=True))
+
+
+def load_jwks_file(path: Path) -> _KeySet:
+    """Read and validate a JWK Set file. Blocking file I/O."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KeySetError(f"{path}: cannot read JWK Set ({type(exc).__name__}: {exc})") from None
+    return parse_jwks(data, str(path))
+
+
+class _FileKeys:
+    """Keys from a JWK Set file, read at construction and swapped in by TokenVerifier.reload()."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key_set = load_jwks_file(path)
+
+    async def get(self, kid: str) -> PyJWK | None:
+        return self.key_set.keys.get(kid)
+
+
+class _RemoteKeys:
+    """Keys from an https JWKS endpoint: PyJWKClient fetches (in a thread), we cache.
+
+    We keep our own cache rather than PyJWKClient's so that a failed refresh leaves the last good
+    keys in service. Any fetch (expiry refresh or unknown kid) happens at most once per cooldown,
+    which also bounds what a stream of made-up kids can make us do.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ca_file: Path | None,
+        *,
+        lifespan: float,
+        cooldown: float,
+        clock: Callable[[], float],
+        on_change: Callable[[], None],
+    ) -> None:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+        self.url = url
+        self._client = PyJWKClient(
+            url, cache_jwk_set=False, ssl_context=context, timeout=_JWKS_FETCH_TIMEOUT_SECONDS
+        )
+        self._lifespan, self._cooldown = lifespan, cooldown
+        self._clock, self._on_change = clock, on_change
+        self.key_set: _KeySet | None = None
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._lock = asyncio.Lock()
+        self.fetches = 0  # attempts made, for tests and metrics
+
+    def _may_fetch(self, now: float) -> bool:
+        return self._attempted_at is None or now - self._attempted_at >= self._cooldown
+
+    async def get(self, kid: str) -> PyJWK | None:
+        now = self._clock()
+        key = self.key_set.keys.get(kid) if self.key_set is not None else None
+        fresh = self._fetched_at is not None and now - self._fetched_at < self._lifespan
+        if (key is None or not fresh) and self._may_fetch(now):
+            await self._refresh()
+            key = self.key_set.keys.get(kid) if self.key_set is not None else None
+        return key
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            now = self._clock()
+            if not self._may_fetch(now):  # another task fetched while we waited for the lock
+                return
+            self._attempted_at = now
+            self.fetches += 1
+            try:
+                data = await asyncio.to_thread(self._client.fetch_data)
+                key_set = parse_jwks(data, self.url)
+            except Exception as exc:  # fail closed: keep the last good keys; unknown kids stay unknown
+                log.warning("JWKS fetch from %s failed (%s); keeping the previous keys",
+                            self.url, type(exc).__name__)
+                return
+            changed = self.key_set is not None and key_set.digest != self.key_set.digest
+            self.key_set, self._fetched_at = key_set, self._clock()
+            if changed:
+                self._on_change()
+
+    def expire(self) -> None:
+        """Make the next lookup refetch (still subject to the cooldown)."""
+        self._fetched_at = None
+
+
+def _reason_for(exc: Exception) -> Reason:
+    for kind, reason in _PYJWT_REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return Reason.TOKEN_INVALID
+
+
+def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    # RFC 7519 §2 NumericDate: a JSON number. bool is an int in Python; refuse it.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TokenError(Reason.TOKEN_INVALID, f"{name} is not a NumericDate")
+    return float(value)
+
+
+def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """RFC 9068 §2.2.3 `scope` (space-delimited string); else `scp` as a list or string."""
+    if "scope" in claims:
+        raw = claims["scope"]
+        if not isinstance(raw, str):
+            raise TokenError(Reason.TOKEN_INVALID, "scope is not a string")
+        return frozenset(s for s in raw.split(" ") if s)
+    raw = claims.get("scp")
+    if raw is None:
+        return frozenset()
+    if isinstance(raw, str):
+        return frozenset(s for s in raw.split(" ") if s)
+    if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+        return frozenset(s for s in raw if s)
+    raise TokenError(Reason.TOKEN_INVALID, "scp is not a string or a list of strings")
+
+
+def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TokenError(Reason.TOKEN_INVALID, f"{name} is not a non-empty string")
+    return value
+
+
+class TokenVerifier:
+    """Verifies bearer tokens from trusted issuers and caches the results until `exp`."""
+
+    def __init__(
+        self,
+        issuers: Sequence[TrustedIssuer],
+        *,
+        algorithms: Sequence[str] = DEFAULT_ALGORITHMS,
+        leeway: timedelta = timedelta(seconds=30),
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        jwks_lifespan: timedelta = timedelta(minutes=5),
+        jwks_cooldown: timedelta = timedelta(seconds=30),
+    ) -> None:
+        if not issuers:
+            raise ValueError("at least one trusted issuer is required")
+        unsupported = set(algorithms) - SUPPORTED_ALGORITHMS
+        if unsupported or not algorithms:
+            raise ValueError(f"unsupported token algorithms {sorted(unsupported)}; use {sorted(SUPPORTED_ALGORITHMS)}")
+        if cache_size < 0:
+            raise ValueError("cache_size must be >= 0")
+        self._algorithms = frozenset(algorithms)
+        self._leeway = leeway.total_seconds()
+        self._cache_size = cache_size
+        self._clock = clock
+        self._cache: dict[str, VerifiedToken] = {}
+        self._generation = 0  # bumped when keys change, so an in-flight miss cannot repopulate the cache
+        self._issuers: dict[str, tuple[TrustedIssuer, _FileKeys | _RemoteKeys]] = {}
+        for issuer in issuers:
+            if issuer.issuer in self._issuers:
+                raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
+            keys: _FileKeys | _RemoteKeys
+            if issuer.jwks_file is not None:
+                keys = _FileKeys(issuer.jwks_file)
+            else:
+                assert issuer.jwks_url is not None
+                keys = _RemoteKeys(
+                    issuer.jwks_url,
+                    issuer.ca_file,
+                    lifespan=jwks_lifespan.total_seconds(),
+                    cooldown=jwks_cooldown.total_seconds(),
+                    clock=clock,
+                    on_change=self.clear_cache,
+                )
+            self._issuers[issuer.issuer] = (issuer, keys)
+        self._decode_options: Any = {
+            "verify_signature": True,
+            "require": _REQUIRED_CLAIMS,
+            "verify_aud": True,
+            "verify_iss": True,
+            "verify_sub": True,
+            "verify_jti": True,
+            # Checked in _check_times against the injected clock instead.
+            "verify_exp": False,
+            "verify_nbf": False,
+            "verify_iat": False,
+            "strict_aud": False,  # RFC 7519 allows an `aud` array; ours must be one of its members
+            "enforce_minimum_key_length": True,  # refuse, not warn about, short RSA/HMAC keys
+        }
+
+    # The interceptor calls the function through the verifier; it needs no state.
+    parse_authorization = staticmethod(parse_authorization)
+
+    @property
+    def cache(self) -> Mapping[str, VerifiedToken]:
+        """Read-only view of the verified-token cache (for tests and metrics)."""
+        return self._cache
+
+    def clear_cache(self) -> None:
+        self._generation += 1
+        self._cache = {}
+
+    def reload(self) -> None:
+        """Re-read JWK Set files (key rotation). Blocking: call it via asyncio.to_thread.
+
+        Every file is read before any is swapped in, so one bad file leaves all issuers unchanged
+        (KeySetError). Cached tokens are dropped when keys changed: a removed key must stop vouching
+        for tokens at once. Remote key sets are marked stale and refetched on next use.
+        """
+        files = [keys for _, keys in self._issuers.values() if isinstance(keys, _FileKeys)]
+        loaded = [load_jwks_file(keys.path) for keys in files]
+        changed = False
+        for keys, key_set in zip(files, loaded, strict=True):
+            changed |= key_set.digest != keys.key_set.digest
+            keys.key_set = key_set
+        for _, keys in self._issuers.values():
+            if isinstance(keys, _RemoteKeys):
+                keys.expire()
+        if changed:
+            self.clear_cache()
+
+    async def verify(self, token: str) -> VerifiedToken:
+        """The verified claims of `token`, or TokenError. Cache hit: one dict lookup and a clock read."""
+        hit = self._cache.get(token)
+        if hit is not None and self._clock() < hit.expires_at:
+            return hit
+        try:
+            return await self._verify_uncached(token)
+        except TokenError:
+            raise
+        except Exception as exc:  # fail closed on anything we did not foresee
+            log.warning("unexpected error while verifying a token: %s", type(exc).__name__)
+            raise TokenError(Reason.TOKEN_INVALID, type(exc).__name__) from None
+
+    async def _verify_uncached(self, token: str) -> VerifiedToken:
+        if not isinstance(token, str) or len(token) > MAX_AUTHORIZATION_CHARS:
+            raise TokenError(Reason.TOKEN_MALFORMED, "token too large or not text")
+        generation = self._generation
+        try:
+            unverified = jwt.decode_complete(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise TokenError(_reason_for(exc), type(exc).__name__) from None
+        header, unverified_claims = unverified["header"], unverified["payload"]
+
+        # RFC 7515 §4.1.11: a recipient MUST reject a JWS whose crit lists an extension it does not
+        # understand; we understand none (PyJWT alone would accept b64).
+        if "crit" in header:
+            raise TokenError(Reason.TOKEN_INVALID, "crit header")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _ACCESS_TOKEN_TYPES:
+            raise TokenError(Reason.TOKEN_WRONG_TYPE, "typ is not at+jwt")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise TokenError(Reason.TOKEN_BAD_ALGORITHM, "alg not allowed")
+
+        iss = unverified_claims.get("iss")
+        if iss is None:
+            raise TokenError(Reason.TOKEN_MISSING_CLAIM, "iss")
+        entry = self._issuers.get(iss) if isinstance(iss, str) else None
+        if entry is None:
+            raise TokenError(Reason.TOKEN_WRONG_ISSUER, "untrusted iss")
+        issuer, keys = entry
+        kid = header.get("kid")
+        key = await keys.get(kid) if isinstance(kid, str) and kid else None
+        if key is None:
+            raise TokenError(Reason.TOKEN_UNKNOWN_KEY, "kid not in the issuer's key set")
+
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=issuer.audience,
+                issuer=issuer.issuer,
+                options=self._decode_options,
+            )
+        except jwt.PyJWTError as exc:
+            raise TokenError(_reason_for(exc), type(exc).__name__) from None
+
+        expires_at = self._check_times(claims)
+        subject = claims["sub"]
+        if not subject:
+            raise TokenError(Reason.TOKEN_INVALID, "empty sub")
+        cnf = claims.get("cnf")
+        if cnf is not None and not isinstance(cnf, dict):
+            raise TokenError(Reason.TOKEN_INVALID, "cnf is not an object")
+        verified = VerifiedToken(
+            subject=subject,
+            client_id=_optional_str(claims, "client_id") or subject,
+            scopes=_scopes(claims),
+            issuer=issuer.issuer,
+            expires_at=expires_at,
+            jti=_optional_str(claims, "jti"),
+            cnf_x5t_s256=_optional_str(cnf, "x5t#S256") if cnf is not None else None,
+        )
+        if self._cache_size and generation == self._generation and self._clock() < expires_at:
+            self._remember(token, verified)
+        return verified
+
+    def _check_times(self, claims: Mapping[str, Any]) -> float:
+        now, leeway = self._clock(), self._leeway
+        exp = _time_claim(claims, "exp")
+        iat = _time_claim(claims, "iat")
+        nbf = _time_claim(claims, "nbf")
+        assert exp is not None and iat is not None  # required by jwt.decode
+        if exp <= now - leeway:
+            raise TokenError(Reason.TOKEN_EXPIRED, "exp passed")
+        if nbf is not None and nbf > now + leeway:
+            raise TokenError(Reason.TOKEN_NOT_YET_VALID, "nbf in the future")
+        if iat > now + leeway:
+            raise TokenError(Reason.TOKEN_NOT_YET_VALID, "iat in the future")
+        return exp
+
+    def _remember(self, token: str, verified: VerifiedToken) -> None:
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            # Rebuild once per ~10% of capacity: drops expired entries and the oldest insertions.
+            # O(n) every n/10 inserts is O(1) amortised, unlike popping a dict's head repeatedly.
+            now = self._clock()
+            keep = self._cache_size - max(1, self._cache_size // 10)
+            items = islice(cache.items(), len(cache) - keep, None)
+            self._cache = cache = {k: v for k, v in items if now < v.expires_at}
+        cache[token] = verified

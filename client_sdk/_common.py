@@ -1,0 +1,144 @@
+"""What the sync and asyncio clients share: channel credentials, options, deadlines, retry rule."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from client_sdk.tokens import TokenProvider
+
+PemSource = str | PathLike[str] | bytes
+ImageSource = bytes | str | PathLike[str]
+
+# Images travel whole in one message; gRPC's 4 MiB default would refuse a large photo.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Services the server answers without a token (the health check must work before the issuer is up).
+TOKENLESS_SERVICES = frozenset({"grpc.health.v1.Health"})
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+
+def read_pem(source: PemSource) -> bytes:
+    """PEM bytes as given, or read from a path."""
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def read_image(image: ImageSource) -> bytes:
+    """Encoded image bytes as given, or read from a path."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    if isinstance(image, str | PathLike):
+        return Path(image).read_bytes()
+    raise TypeError(f"image must be bytes or a path, not {type(image).__name__}")
+
+
+class BearerPlugin(grpc.AuthMetadataPlugin):
+    """Adds `authorization: Bearer <token>` to every call but the health check.
+
+    gRPC runs it on a thread of its own, with the sync and the asyncio channel alike, so the
+    provider's blocking fetch never runs on an event loop.
+    """
+
+    def __init__(self, provider: TokenProvider) -> None:
+        self._provider = provider
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        if context.service_url.rsplit("/", 1)[-1] in TOKENLESS_SERVICES:
+            callback((), None)
+            return
+        try:
+            token = self._provider.token()
+        except Exception as exc:
+            # The clients fetch the token before each call, so this is only a refresh that failed
+            # between that fetch and this one; gRPC fails the call with the exception's text.
+            callback((), exc)
+            return
+        callback((("authorization", f"Bearer {token}"),), None)
+
+
+def channel_credentials(
+    ca: PemSource, cert: PemSource, key: PemSource, provider: TokenProvider
+) -> grpc.ChannelCredentials:
+    """mTLS to the server, plus the bearer token on each call."""
+    return grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(
+            root_certificates=read_pem(ca), private_key=read_pem(key), certificate_chain=read_pem(cert)
+        ),
+        grpc.metadata_call_credentials(BearerPlugin(provider), name="aigis-bearer"),
+    )
+
+
+def channel_options(server_name: str | None, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if server_name is not None:
+        # Only when asked: overriding the checked host name is for tests and IP-address targets.
+        options.append(("grpc.ssl_target_name_override", server_name))
+    options.extend(extra)
+    return options
+
+
+def check_timeout(timeout: float, what: str = "timeout") -> float:
+    """Every call has a deadline: a positive, finite number of seconds."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"{what} must be a number of seconds")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"{what} must be a positive, finite number of seconds")
+    return float(timeout)
+
+
+class Deadline:
+    """One deadline for a method call, shared by its attempt and its retry."""
+
+    __slots__ = ("_end",)
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(self._end - time.monotonic(), 0.0)
+
+
+def is_replayable(requests: object) -> bool:
+    """Only a list or tuple can be sent again; any other iterable may be one-shot."""
+    return isinstance(requests, list | tuple)
+
+
+def should_retry(exc: grpc.RpcError, replayable: bool, received: bool) -> bool:
+    """UNAUTHENTICATED on a call that can be sent again unchanged. The server does not say why a
+    call was refused, so any UNAUTHENTICATED qualifies; the provider decides if a fresh token exists."""
+    code = getattr(exc, "code", None)
+    return replayable and not received and callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def refreshed(provider: TokenProvider, refused: str) -> bool:
+    """Drop the refused token; True if the provider now has a different one worth a retry."""
+    provider.invalidate(refused)
+    return provider.token() != refused
+
+
+class RequestStream(Generic[T, M]):
+    """Converts the caller's items to request messages for one attempt, and keeps any exception
+    the caller's iterable (or the conversion) raised: gRPC would replace it with a bare UNKNOWN."""
+
+    def __init__(self, source: Iterable[T], convert: Callable[[T], M]) -> None:
+        self._source = source
+        self._convert = convert
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[M]:
+        try:
+            for item in self._source:
+                yield self._convert(item)
+        except Exception as exc:
+            self.error = exc
+            raise

@@ -1,0 +1,310 @@
+"""The asyncio aigis client: the same methods as `Client`, awaited, on a `grpc.aio` channel.
+
+Same rules as the blocking client (see client.py): a deadline on every call, the bearer token over
+mutual TLS, one refresh-and-retry on UNAUTHENTICATED for replayable requests. Nothing blocks the
+event loop: certificate files, image paths and token fetches are read in a thread. Request streams
+accept sync or async iterables; only a list or tuple is replayed.
+"""
+
+# ruff: noqa: ASYNC109 - `timeout` is the gRPC deadline sent to the server, not a local asyncio timeout.
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client_sdk._common import (
+    Deadline,
+    ImageSource,
+    PemSource,
+    channel_credentials,
+    channel_options,
+    check_timeout,
+    is_replayable,
+    read_image,
+    refreshed,
+    should_retry,
+)
+from client_sdk.errors import error_from_rpc
+from client_sdk.tokens import TokenProvider
+from client_sdk.types import Classification, ModelInfo, SumResult
+from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+
+T = TypeVar("T")
+M = TypeVar("M")
+_Payload = Any
+
+
+class AsyncRequestStream(Generic[T, M]):
+    """Converts the caller's items (from a sync or async iterable) to request messages for one
+    attempt, keeping any exception raised: grpc.aio would only cancel the call."""
+
+    def __init__(self, source: Iterable[T] | AsyncIterable[T], convert: Callable[[T], Awaitable[M]]) -> None:
+        self._source = source
+        self._convert = convert
+        self.error: Exception | None = None
+
+    def __aiter__(self) -> AsyncIterator[M]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[M]:
+        try:
+            if isinstance(self._source, AsyncIterable):
+                async for item in self._source:
+                    yield await self._convert(item)
+            else:
+                for item in self._source:
+                    yield await self._convert(item)
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+@dataclass(frozen=True, slots=True)
+class _Stubs:
+    calculator: calculator_pb2_grpc.CalculatorStub
+    classifier: classifier_pb2_grpc.ImageClassificationServiceStub
+    health: health_pb2_grpc.HealthStub
+
+
+class AsyncClient:
+    """An asyncio connection to an aigis server: `async with AsyncClient(...) as client:`.
+
+    The channel is opened by `open()` / `async with` (certificate files are read in a thread, and
+    a grpc.aio channel belongs to the running loop) and closed by `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: PemSource,
+        cert: PemSource,
+        key: PemSource,
+        token_provider: TokenProvider,
+        default_timeout: float = 10.0,
+        server_name: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._target = target
+        self._pem = (ca, cert, key)
+        self._provider = token_provider
+        self._default_timeout = check_timeout(default_timeout, "default_timeout")
+        self._options = channel_options(server_name, options)
+        self._channel: aio.Channel | None = None
+        self._open_stubs: _Stubs | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._channel is not None:
+            return
+        ca, cert, key = self._pem
+        credentials = await asyncio.to_thread(channel_credentials, ca, cert, key, self._provider)
+        channel = self._channel = aio.secure_channel(self._target, credentials, options=self._options)
+        self._open_stubs = _Stubs(
+            calculator_pb2_grpc.CalculatorStub(channel),
+            classifier_pb2_grpc.ImageClassificationServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+    async def close(self) -> None:
+        channel, self._channel, self._open_stubs = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    # Calculator
+
+    async def add(self, a: int, b: int, *, timeout: float | None = None) -> int:
+        """a + b; OutOfRangeError if the sum does not fit int32."""
+        request = calculator_pb2.AddRequest(a=a, b=b)
+        reply = await self._unary(self._stubs().calculator.Add, lambda: request, True, timeout)
+        return int(reply.sum)
+
+    async def sum(
+        self, numbers: Iterable[int] | AsyncIterable[int], *, timeout: float | None = None
+    ) -> SumResult:
+        """The total of `numbers` and how many there were (client streaming)."""
+        reply = await self._unary(
+            self._stubs().calculator.Sum, lambda: AsyncRequestStream(numbers, _number), is_replayable(numbers), timeout
+        )
+        return SumResult.from_proto(reply)
+
+    async def fibonacci(self, count: int, *, timeout: float | None = None) -> AsyncIterator[int]:
+        """The first `count` Fibonacci numbers (0 <= count <= 47); `timeout` bounds the stream."""
+        request = calculator_pb2.FibonacciRequest(count=count)
+        async for reply in self._stream(self._stubs().calculator.Fibonacci, lambda: request, True, timeout):
+            yield int(reply.value)
+
+    async def running_sum(
+        self, numbers: Iterable[int] | AsyncIterable[int], *, timeout: float | None = None
+    ) -> AsyncIterator[int]:
+        """The running total after each of `numbers` (bidirectional streaming)."""
+        replies = self._stream(
+            self._stubs().calculator.RunningSum,
+            lambda: AsyncRequestStream(numbers, _number),
+            is_replayable(numbers),
+            timeout,
+        )
+        async for reply in replies:
+            yield int(reply.value)
+
+    # Classifier
+
+    async def classify(
+        self,
+        image: ImageSource,
+        *,
+        model: str = "",
+        top_k: int = 1,
+        width: int = 0,
+        height: int = 0,
+        timeout: float | None = None,
+    ) -> Classification:
+        """Classify an encoded image (bytes or a path), or raw 8-bit grayscale pixels when `width`
+        and `height` are set. An empty `model` means the server's default."""
+        request = classifier_pb2.Image(
+            data=await _image_bytes(image), model=model, top_k=top_k, width=width, height=height
+        )
+        reply = await self._unary(self._stubs().classifier.ClassifyImage, lambda: request, True, timeout)
+        return Classification.from_proto(reply)
+
+    async def classify_stream(
+        self,
+        images: Iterable[ImageSource] | AsyncIterable[ImageSource],
+        *,
+        model: str = "",
+        top_k: int = 1,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Classification]:
+        """Classify each encoded image in turn (bidirectional streaming); paths are read lazily."""
+
+        async def convert(image: ImageSource) -> classifier_pb2.Image:
+            return classifier_pb2.Image(data=await _image_bytes(image), model=model, top_k=top_k)
+
+        replies = self._stream(
+            self._stubs().classifier.ClassifyStream,
+            lambda: AsyncRequestStream(images, convert),
+            is_replayable(images),
+            timeout,
+        )
+        async for reply in replies:
+            yield Classification.from_proto(reply)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        request = classifier_pb2.ListModelsRequest()
+        reply = await self._unary(self._stubs().classifier.ListModels, lambda: request, True, timeout)
+        return [ModelInfo.from_proto(info) for info in reply.models]
+
+    # Health (no token needed)
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The serving status name ("SERVING", "NOT_SERVING", ...) of `service` ("" = the server)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        deadline = Deadline(self._timeout(timeout))
+        try:
+            reply = await self._stubs().health.Check(request, timeout=deadline.remaining())
+        except aio.AioRpcError as exc:
+            failure = exc
+        else:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        raise error_from_rpc(failure) from None
+
+    # Plumbing
+
+    def _stubs(self) -> _Stubs:
+        if self._open_stubs is None:
+            raise RuntimeError("AsyncClient is not open: use `async with` or `await client.open()`")
+        return self._open_stubs
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self._default_timeout if timeout is None else check_timeout(timeout)
+
+    async def _unary(
+        self, method: Callable[..., Any], payload: Callable[[], _Payload], replayable: bool, timeout: float | None
+    ) -> Any:
+        """One response: a unary or client-streaming call, retried once on a refused token."""
+        deadline = Deadline(self._timeout(timeout))
+        for attempt in (1, 2):
+            token = await asyncio.to_thread(self._provider.token)
+            request = payload()
+            try:
+                return await method(request, timeout=deadline.remaining())
+            except aio.AioRpcError as exc:
+                failure = exc
+            except asyncio.CancelledError:
+                # grpc.aio cancels the call when the request iterable raises; surface that error
+                # instead. A genuine cancellation of our task propagates unchanged.
+                _reraise_request_error(request)
+                raise
+            if attempt == 1 and should_retry(failure, replayable, False) and await self._refreshed(token):
+                continue
+            raise _failure(failure, request) from None
+        raise AssertionError("unreachable")
+
+    async def _stream(
+        self, method: Callable[..., Any], payload: Callable[[], _Payload], replayable: bool, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """A response stream, retried once on a refused token if nothing was received yet."""
+        deadline = Deadline(self._timeout(timeout))
+        for attempt in (1, 2):
+            token = await asyncio.to_thread(self._provider.token)
+            request = payload()
+            call = method(request, timeout=deadline.remaining())
+            received = False
+            try:
+                async for reply in call:
+                    received = True
+                    yield reply
+                return
+            except aio.AioRpcError as exc:
+                failure = exc
+            except asyncio.CancelledError:
+                _reraise_request_error(request)
+                raise
+            finally:
+                # No-op once the call is over; stops it when the caller abandons the iterator.
+                call.cancel()
+            if attempt == 1 and should_retry(failure, replayable, received) and await self._refreshed(token):
+                continue
+            raise _failure(failure, request) from None
+
+    async def _refreshed(self, token: str) -> bool:
+        return await asyncio.to_thread(refreshed, self._provider, token)
+
+
+async def _number(value: int) -> calculator_pb2.Number:
+    return calculator_pb2.Number(value=value)
+
+
+async def _image_bytes(image: ImageSource) -> bytes:
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    return await asyncio.to_thread(read_image, image)
+
+
+def _reraise_request_error(request: _Payload) -> None:
+    task = asyncio.current_task()
+    if isinstance(request, AsyncRequestStream) and request.error is not None:
+        if task is None or task.cancelling() == 0:
+            raise request.error from None
+
+
+def _failure(exc: grpc.RpcError, request: _Payload) -> Exception:
+    if isinstance(request, AsyncRequestStream) and request.error is not None:
+        return request.error
+    return error_from_rpc(exc)

@@ -1,0 +1,86 @@
+"""The image classification servicer: convert protobuf, delegate to images/model, convert back.
+
+Decoding and inference are CPU work, so they run on the executor the server owns, never on the
+event loop. Bad input raises `server.errors` exceptions; the interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+
+from grpc import aio
+
+from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from server import images
+from server.errors import InvalidArgument
+from server.images import DEFAULT_LIMITS, ImageLimits
+from server.model import ModelRegistry, OnnxClassifier
+
+
+def resolve_top_k(top_k: int, n_labels: int) -> int:
+    """The proto's top_k: 0 means 1; negative or more than the model's labels is refused."""
+    if top_k == 0:
+        return 1
+    if not 1 <= top_k <= n_labels:
+        raise InvalidArgument(f"top_k must be between 0 and the model's label count {n_labels}; got {top_k}")
+    return top_k
+
+
+class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationServiceServicer):
+    def __init__(self, registry: ModelRegistry, executor: Executor,
+                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        self._registry = registry
+        self._executor = executor
+        self._limits = limits
+
+    def _classify(self, request: classifier_pb2.Image) -> classifier_pb2.ClassificationResult:
+        """Runs on a worker thread: everything between the request and the reply."""
+        model = self._registry.get(request.model)
+        k = resolve_top_k(request.top_k, len(model.labels))
+        batch = images.prepare(request.data, request.width, request.height, model.config, self._limits)
+        top = model.top(model.predict(batch)[0], k)
+        return classifier_pb2.ClassificationResult(
+            category=top[0][0],
+            probability=top[0][1],
+            model=model.name,
+            top=[classifier_pb2.LabelProbability(label=label, probability=p) for label, p in top],
+        )
+
+    async def _run(self, request: classifier_pb2.Image) -> classifier_pb2.ClassificationResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._classify, request)
+
+    async def ClassifyImage(
+        self, request: classifier_pb2.Image, context: aio.ServicerContext
+    ) -> classifier_pb2.ClassificationResult:
+        return await self._run(request)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[classifier_pb2.Image], context: aio.ServicerContext
+    ) -> AsyncIterator[classifier_pb2.ClassificationResult]:
+        # One at a time keeps replies in request order; a bad image ends the stream with its status.
+        async for request in request_iterator:
+            yield await self._run(request)
+
+    async def ListModels(
+        self, request: classifier_pb2.ListModelsRequest, context: aio.ServicerContext
+    ) -> classifier_pb2.ListModelsReply:
+        return classifier_pb2.ListModelsReply(
+            models=[_model_info(m, m.name == self._registry.default_name) for m in self._registry.models]
+        )
+
+
+def _model_info(model: OnnxClassifier, is_default: bool) -> classifier_pb2.ModelInfo:
+    info = model.info
+    return classifier_pb2.ModelInfo(
+        name=info.name,
+        version=info.version,
+        input_shape=list(info.input_shape),
+        labels=list(info.labels),
+        color_mode=info.color_mode,
+        image_width=info.image_width,
+        image_height=info.image_height,
+        is_default=is_default,
+    )

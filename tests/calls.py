@@ -1,0 +1,96 @@
+"""Raw gRPC calls for the end-to-end and attack tests (no SDK, so metadata is fully ours)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from protos.aigis.calculator.v1 import calculator_pb2 as calc
+from protos.aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
+
+REQUEST_ID_KEY = "aigis-request-id"
+
+
+def channel(stack: Any, client: str) -> grpc.Channel:
+    """An mTLS channel presenting `client`'s certificate."""
+    ca, cert, key = stack.client_files(client)
+    credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
+    return grpc.secure_channel(stack.target, credentials)
+
+
+def issuer_token(stack: Any, client: str, scope: str | None = None) -> str:
+    """A real access token from the embedded issuer, authenticated by `client`'s certificate."""
+    ca, cert, key = stack.client_files(client)
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    form = {"grant_type": "client_credentials"}
+    if scope is not None:
+        form["scope"] = scope
+    request = urllib.request.Request(
+        stack.token_url,
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        return json.loads(response.read())["access_token"]
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a call returned: its status, its answer (if OK), and the request id (if any)."""
+
+    code: grpc.StatusCode
+    value: Any = None
+    details: str = ""
+    request_id: str | None = None
+
+
+def run(call: Callable[[], Any]) -> Outcome:
+    try:
+        return Outcome(grpc.StatusCode.OK, call())
+    except grpc.RpcError as err:
+        trailers = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+        return Outcome(err.code(), None, err.details(), trailers.get(REQUEST_ID_KEY))  # type: ignore[attr-defined]
+
+
+def numbers(values: Sequence[int]) -> list[calc.Number]:
+    return [calc.Number(value=v) for v in values]
+
+
+# One call of each RPC kind, all on the calculator, each returning a comparable value.
+def _unary(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
+    return calc_grpc.CalculatorStub(ch).Add(calc.AddRequest(a=2, b=3), metadata=md, timeout=10).sum
+
+
+def _server_streaming(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
+    stream = calc_grpc.CalculatorStub(ch).Fibonacci(calc.FibonacciRequest(count=6), metadata=md, timeout=10)
+    return [n.value for n in stream]
+
+
+def _client_streaming(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
+    return calc_grpc.CalculatorStub(ch).Sum(iter(numbers([1, 2, 3])), metadata=md, timeout=10).sum
+
+
+def _bidi(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
+    stream = calc_grpc.CalculatorStub(ch).RunningSum(iter(numbers([1, 2, 3])), metadata=md, timeout=10)
+    return [n.value for n in stream]
+
+
+RPC_KINDS: dict[str, Callable[[grpc.Channel, Sequence[tuple[str, str]]], Any]] = {
+    "unary": _unary,
+    "server_streaming": _server_streaming,
+    "client_streaming": _client_streaming,
+    "bidi": _bidi,
+}
+EXPECTED = {"unary": 5, "server_streaming": [0, 1, 1, 2, 3, 5], "client_streaming": 6, "bidi": [1, 3, 6]}

@@ -1,0 +1,79 @@
+"""aigis.toml loads into one validated object; bad values stop start-up naming the key."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from server.config import Config, ConfigError, HostPort, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "aigis.toml"
+    path.write_text(text)
+    return path
+
+
+def test_committed_example_loads_with_defaults() -> None:
+    """The documented example file is valid and equals the built-in defaults."""
+    config = load_config(REPO / "aigis.toml")
+    default = Config()
+    assert config.listen == default.listen
+    assert config.certs == REPO / "certs"
+    assert config.issuer == default.issuer
+    assert config.algorithms == default.algorithms
+
+
+def test_values_and_relative_paths(tmp_path: Path) -> None:
+    """Values are read and relative paths resolve against the config file's directory."""
+    path = write(tmp_path, '[server]\nlisten = "[::1]:6000"\ncerts = "pki"\n[issuer]\ntoken_ttl_seconds = 60\n')
+    config = load_config(path)
+    assert config.listen == HostPort("::1", 6000)
+    assert config.certs == tmp_path / "pki"
+    assert config.issuer.token_ttl == timedelta(seconds=60)
+
+
+def test_command_line_overrides_win(tmp_path: Path) -> None:
+    """Flags override the file."""
+    path = write(tmp_path, '[server]\nlisten = "127.0.0.1:6000"\n')
+    config = load_config(path, listen="127.0.0.1:7000", issuer_listen="127.0.0.1:7001", audit_log="a.jsonl")
+    assert config.listen.port == 7000 and config.issuer.listen.port == 7001
+    assert config.audit_log == Path("a.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param('[server]\nlisten = "nope"\n', "server.listen: expected HOST:PORT", id="listen-no-port"),
+        pytest.param('[server]\nlisten = "h:99999"\n', "server.listen", id="listen-port-range"),
+        pytest.param("[server]\nlisten = 5\n", "server.listen: expected a string", id="listen-not-string"),
+        pytest.param("[server]\nlistne = 'x:1'\n", "server.listne: unknown key", id="typo-key"),
+        pytest.param("[servr]\n", "servr: unknown key", id="typo-section"),
+        pytest.param("[server]\ngrace_seconds = -1\n", "server.grace_seconds: must be greater than 0", id="grace"),
+        pytest.param("[server]\ninference_threads = true\n", "server.inference_threads: expected an integer",
+                     id="bool-as-int"),
+        pytest.param('[auth]\nalgorithms = ["none"]\n', "auth.algorithms[0]", id="alg-none"),
+        pytest.param('[auth]\nalgorithms = ["HS256"]\n', "auth.algorithms[0]", id="alg-hmac"),
+        pytest.param("[auth]\nleeway_seconds = 3600\n", "auth.leeway_seconds", id="leeway-huge"),
+        pytest.param('[issuer]\nurl = "http://x"\n', "issuer.url: must be an https:// URL", id="issuer-http"),
+        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\n', "auth.issuers[0]: set exactly one",
+                     id="external-no-keys"),
+        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\njwks_url = "http://k"\n',
+                     "auth.issuers[0].jwks_url", id="external-http-jwks"),
+        pytest.param("[server\n", "invalid TOML", id="bad-toml"),
+    ],
+)
+def test_invalid_configuration_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    """Each invalid value is refused with a message naming the key."""
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A config path that does not exist is refused, not ignored."""
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "absent.toml")

@@ -166,12 +166,14 @@ _SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 @dataclass(frozen=True)
-class _KeySet:
+class KeySet:
+    """A validated JWK Set."""
+
     keys: dict[str, PyJWK]  # kid -> key, signing keys only
     digest: str  # canonical JSON of the published keys: tells whether a reload changed anything
 
 
-def parse_jwks(data: Any, source: str) -> _KeySet:
+def parse_jwks(data: Any, source: str) -> KeySet:
     """Validate a JWK Set (RFC 7517 §5) and index its signing keys by kid."""
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise KeySetError(f"{source}: not a JWK Set object with a 'keys' list")
@@ -182,7 +184,7 @@ def parse_jwks(data: Any, source: str) -> _KeySet:
             raise KeySetError(f"{source}: a key (kid {raw.get('kid')!r}) contains private or secret material")
     try:
         jwk_set = PyJWKSet.from_dict(data)
-    except jwt.PyJWTError as exc:
+    except Exception as exc:  # PyJWTError, or NotImplementedError for a key with "alg": "none"
         raise KeySetError(f"{source}: no usable keys ({type(exc).__name__})") from None
     keys: dict[str, PyJWK] = {}
     for key in jwk_set.keys:
@@ -193,10 +195,10 @@ def parse_jwks(data: Any, source: str) -> _KeySet:
         keys[key.key_id] = key
     if not keys:
         raise KeySetError(f"{source}: no signing keys with a kid")
-    return _KeySet(keys, json.dumps(data["keys"], sort_keys=True))
+    return KeySet(keys, json.dumps(data["keys"], sort_keys=True))
 
 
-def load_jwks_file(path: Path) -> _KeySet:
+def load_jwks_file(path: Path) -> KeySet:
     """Read and validate a JWK Set file. Blocking file I/O."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -236,12 +238,10 @@ class _RemoteKeys:
     ) -> None:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
         self.url = url
-        self._client = PyJWKClient(
-            url, cache_jwk_set=False, ssl_context=context, timeout=_JWKS_FETCH_TIMEOUT_SECONDS
-        )
+        self._client = PyJWKClient(url, cache_jwk_set=False, ssl_context=context, timeout=_JWKS_FETCH_TIMEOUT_SECONDS)
         self._lifespan, self._cooldown = lifespan, cooldown
         self._clock, self._on_change = clock, on_change
-        self.key_set: _KeySet | None = None
+        self.key_set: KeySet | None = None
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._lock = asyncio.Lock()
@@ -254,7 +254,9 @@ class _RemoteKeys:
         now = self._clock()
         key = self.key_set.keys.get(kid) if self.key_set is not None else None
         fresh = self._fetched_at is not None and now - self._fetched_at < self._lifespan
-        if (key is None or not fresh) and self._may_fetch(now):
+        if key is not None and (fresh or self._lock.locked()):
+            return key  # a stale key keeps serving while a refresh is under way
+        if self._may_fetch(now):
             await self._refresh()
             key = self.key_set.keys.get(kid) if self.key_set is not None else None
         return key
@@ -270,8 +272,7 @@ class _RemoteKeys:
                 data = await asyncio.to_thread(self._client.fetch_data)
                 key_set = parse_jwks(data, self.url)
             except Exception as exc:  # fail closed: keep the last good keys; unknown kids stay unknown
-                log.warning("JWKS fetch from %s failed (%s); keeping the previous keys",
-                            self.url, type(exc).__name__)
+                log.warning("JWKS fetch from %s failed (%s); keeping the previous keys", self.url, type(exc).__name__)
                 return
             changed = self.key_set is not None and key_set.digest != self.key_set.digest
             self.key_set, self._fetched_at = key_set, self._clock()
@@ -294,10 +295,17 @@ def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    # RFC 7519 §2 NumericDate: a JSON number. bool is an int in Python; refuse it.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    # RFC 7519 §2 NumericDate: a finite JSON number. bool is an int in Python, and Python's json
+    # accepts Infinity/NaN and unbounded integers; refuse them all.
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError(Reason.TOKEN_INVALID, f"{name} is not a NumericDate")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise TokenError(Reason.TOKEN_INVALID, f"{name} is out of range") from None
+    if not math.isfinite(number):
+        raise TokenError(Reason.TOKEN_INVALID, f"{name} is not finite")
+    return number
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -419,10 +427,10 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> VerifiedToken:
         """The verified claims of `token`, or TokenError. Cache hit: one dict lookup and a clock read."""
-        hit = self._cache.get(token)
-        if hit is not None and self._clock() < hit.expires_at:
-            return hit
-        try:
+        try:  # zero-cost in 3.11; keeps even a bad argument or clock failure closed
+            hit = self._cache.get(token)
+            if hit is not None and self._clock() < hit.expires_at:
+                return hit
             return await self._verify_uncached(token)
         except TokenError:
             raise

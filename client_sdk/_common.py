@@ -113,17 +113,18 @@ def is_replayable(requests: object) -> bool:
     return isinstance(requests, list | tuple)
 
 
-def should_retry(exc: grpc.RpcError, replayable: bool, received: bool) -> bool:
-    """UNAUTHENTICATED on a call that can be sent again unchanged. The server does not say why a
-    call was refused, so any UNAUTHENTICATED qualifies; the provider decides if a fresh token exists."""
+def is_refusal(exc: grpc.RpcError) -> bool:
+    """UNAUTHENTICATED. The server never says why (expired token, revoked certificate, ...)."""
     code = getattr(exc, "code", None)
-    return replayable and not received and callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED
+    return callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def refreshed(provider: TokenProvider, refused: str) -> bool:
-    """Drop the refused token; True if the provider now has a different one worth a retry."""
+def retry_after_refusal(provider: TokenProvider, refused: str, may_retry: bool) -> bool:
+    """After UNAUTHENTICATED: drop the refused token so no later call sends it again, and say whether
+    to retry — only if the call may be sent again (`may_retry`) and the provider now offers a
+    different token. Blocking (the provider may fetch)."""
     provider.invalidate(refused)
-    return provider.token() != refused
+    return may_retry and provider.token() != refused
 
 
 class RequestStream(Generic[T, M]):

@@ -26,10 +26,10 @@ from client_sdk._common import (
     channel_credentials,
     channel_options,
     check_timeout,
+    is_refusal,
     is_replayable,
     read_image,
-    refreshed,
-    should_retry,
+    retry_after_refusal,
 )
 from client_sdk.errors import error_from_rpc
 from client_sdk.tokens import TokenProvider
@@ -251,7 +251,7 @@ class AsyncClient:
                 # instead. A genuine cancellation of our task propagates unchanged.
                 _reraise_request_error(request)
                 raise
-            if attempt == 1 and should_retry(failure, replayable, False) and await self._refreshed(token):
+            if is_refusal(failure) and await self._retry_after_refusal(token, attempt == 1 and replayable):
                 continue
             raise _failure(failure, request) from None
         raise AssertionError("unreachable")
@@ -279,12 +279,13 @@ class AsyncClient:
             finally:
                 # No-op once the call is over; stops it when the caller abandons the iterator.
                 call.cancel()
-            if attempt == 1 and should_retry(failure, replayable, received) and await self._refreshed(token):
+            may_retry = attempt == 1 and replayable and not received
+            if is_refusal(failure) and await self._retry_after_refusal(token, may_retry):
                 continue
             raise _failure(failure, request) from None
 
-    async def _refreshed(self, token: str) -> bool:
-        return await asyncio.to_thread(refreshed, self._provider, token)
+    async def _retry_after_refusal(self, token: str, may_retry: bool) -> bool:
+        return await asyncio.to_thread(retry_after_refusal, self._provider, token, may_retry)
 
 
 async def _number(value: int) -> calculator_pb2.Number:

@@ -1,11 +1,13 @@
 """The blocking aigis client: one typed method per RPC, errors as `AigisError`, never `grpc.RpcError`.
 
-Every call has a deadline (the client's `default_timeout` unless the call passes `timeout`), sends
-the provider's bearer token over mutual TLS, and — when the server answers UNAUTHENTICATED —
-invalidates that token and retries exactly once with a fresh one, if the request can be replayed
-(unary requests, and request streams given as a list or tuple) and the provider has a different
-token to offer (a `StaticToken` does not, so it never retries). The server never says why it
-refused a token, so any UNAUTHENTICATED qualifies. Streams retry only before their first reply.
+Every call has a deadline (the client's `default_timeout` unless the call passes `timeout`; a retry
+shares it) and sends the provider's bearer token over mutual TLS. When the server answers
+UNAUTHENTICATED the client invalidates the token it sent, so no later call reuses it, and retries
+the call exactly once with a fresh token if the request can be replayed (unary requests, and
+request streams given as a list or tuple — never a one-shot iterator), no reply has been received
+yet, and the provider has a different token to offer (a `StaticToken` does not, so it never
+retries). The server never says why it refused a token, so any UNAUTHENTICATED qualifies, even
+one caused by the certificate: that costs one token fetch and one extra call.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from client_sdk._common import (
     channel_credentials,
     channel_options,
     check_timeout,
+    is_refusal,
     is_replayable,
     read_image,
-    refreshed,
-    should_retry,
+    retry_after_refusal,
 )
 from client_sdk.errors import error_from_rpc
 from client_sdk.tokens import TokenProvider
@@ -182,7 +184,7 @@ class Client:
             except grpc.RpcError as exc:
                 failure = exc
             # Outside the except block, so a TokenError from the refresh does not drag the RpcError along.
-            if attempt == 1 and should_retry(failure, replayable, False) and refreshed(self._provider, token):
+            if is_refusal(failure) and retry_after_refusal(self._provider, token, attempt == 1 and replayable):
                 continue
             raise _failure(failure, request) from None
         raise AssertionError("unreachable")
@@ -207,7 +209,8 @@ class Client:
             finally:
                 # No-op once the call is over; stops it when the caller abandons the iterator.
                 call.cancel()
-            if attempt == 1 and should_retry(failure, replayable, received) and refreshed(self._provider, token):
+            may_retry = attempt == 1 and replayable and not received
+            if is_refusal(failure) and retry_after_refusal(self._provider, token, may_retry):
                 continue
             raise _failure(failure, request) from None
 

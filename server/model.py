@@ -80,6 +80,11 @@ class ModelConfig:
     default: bool = False
 
     def __post_init__(self) -> None:
+        # Plain strings from code become the enums (comparisons below are by identity).
+        for field, kind in (("layout", Layout), ("color_mode", ColorMode), ("output_kind", OutputKind)):
+            object.__setattr__(self, field, kind(getattr(self, field)))
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
         # Messages name the TOML key, so from_toml only has to prefix the file.
         if not _NAME_RE.fullmatch(self.name):
             raise ModelConfigError(f"name: must be 1-64 of A-Z a-z 0-9 . _ - (not starting with . _ -), "

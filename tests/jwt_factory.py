@@ -155,7 +155,7 @@ class TokenFactory:
         claims = self.claims(**claim_overrides)
         for name in remove:
             claims.pop(name, None)
-        fields = self.header(kid=signer.kid, **(header or {}))
+        fields = self.header(**{"kid": signer.kid, "alg": signer.alg, **(header or {})})
         for name in remove_header:
             fields.pop(name, None)
         return _sign(claims, signer, fields)

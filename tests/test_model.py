@@ -148,8 +148,20 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     first = train_digits.build(tmp_path / "a")
     second = train_digits.build(tmp_path / "b")
     assert first == second >= train_digits.MIN_ACCURACY
-    for name in ("model.onnx", "labels.txt", "model.toml"):
+    for name in ("model.onnx", "labels.txt", "model.toml", *(f"samples/{d}.png" for d in range(10))):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_samples_are_heldout_digits_and_classify(digits: OnnxClassifier,
+                                                 heldout: tuple[np.ndarray, np.ndarray]) -> None:
+    """samples/<d>.png is the first held-out image of digit d, and the model names it d."""
+    pixels, labels = heldout
+    for d in range(10):
+        data = (DIGITS_DIR / "samples" / f"{d}.png").read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            np.testing.assert_array_equal(np.asarray(img), pixels[np.flatnonzero(labels == d)[0]])
+        probs = digits.predict(images.prepare(data, 0, 0, digits.config))[0]
+        assert digits.top(probs, 1)[0][0] == str(d)
 
 
 def test_predict_refuses_wrong_tensor(digits: OnnxClassifier) -> None:

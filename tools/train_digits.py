@@ -1,6 +1,6 @@
 """Train the bundled digits classifier and export it to server/models/digits/ as ONNX.
 
-``python -m tools.train_digits`` rebuilds model.onnx, labels.txt and model.toml from scikit-learn's
+``python -m tools.train_digits`` rebuilds model.onnx, labels.txt, model.toml and samples/ from scikit-learn's
 bundled 8x8 digits (no download) with a fixed split and seed, so the same script on the same
 machine writes the same bytes. A 64-32-10 MLP (ReLU, softmax) trained with plain numpy is enough:
 the point is a real model served end to end, not the model itself.
@@ -212,12 +212,25 @@ def write_model_dir(out_dir: Path, weights: Weights) -> None:
     (out_dir / "model.toml").write_text(config_toml(CONFIG), encoding="utf-8")
 
 
+def write_samples(out_dir: Path, pixels: np.ndarray, labels: np.ndarray) -> None:
+    """samples/<digit>.png: the first held-out image of each digit (not picked for being easy),
+    for the demo and for trying the server by hand."""
+    from PIL import Image
+
+    samples = out_dir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    for digit in range(len(LABELS)):
+        first = int(np.flatnonzero(labels == digit)[0])
+        Image.fromarray(pixels[first], mode="L").save(samples / f"{digit}.png", "PNG")
+
+
 def build(out_dir: Path) -> float:
     """Train, export to out_dir, and return the held-out accuracy measured through onnxruntime."""
     from server.model import OnnxClassifier
 
     train_x, test_x, train_y, test_y = _split()
     write_model_dir(out_dir, train(train_x, train_y))
+    write_samples(out_dir, test_x, test_y)
     classifier = OnnxClassifier.load(out_dir)
     predicted = classifier.predict(pixels_to_input(test_x, CONFIG)).argmax(axis=1)
     return float((predicted == test_y).mean())

@@ -31,19 +31,26 @@ class Reason(enum.StrEnum):
     TOKEN_WRONG_TYPE = "token_wrong_type"  # typ header is not at+jwt (RFC 9068)
     TOKEN_MISSING_CLAIM = "token_missing_claim"  # one of exp iat iss aud sub absent
     TOKEN_INVALID = "token_invalid"  # any other token failure (e.g. unknown crit header)
+    TOKEN_CERT_MISMATCH = "token_cert_mismatch"  # certificate-bound token (RFC 8705 cnf) on another certificate
+    TOKEN_UNBOUND = "token_unbound"  # binding is required and the token carries no cnf x5t#S256
     CHECK_ERROR = "check_error"  # an unexpected error while checking: fail closed
     # The caller is identified but not allowed: PERMISSION_DENIED.
     SCOPE_MISSING = "scope_missing"  # a rule matched but the token lacks a required scope
     POLICY_DENIED = "policy_denied"  # a deny rule matched
     NO_MATCHING_RULE = "no_matching_rule"  # no allow rule matched (default deny)
+    # Identified and allowed, but over its request budget: RESOURCE_EXHAUSTED.
+    RATE_LIMITED = "rate_limited"  # the principal's token bucket is empty
 
 
 # The one place a deny reason becomes a status code. Unidentified -> UNAUTHENTICATED,
 # identified but not allowed -> PERMISSION_DENIED.
+_PERMISSION_DENIED = {Reason.SCOPE_MISSING, Reason.POLICY_DENIED, Reason.NO_MATCHING_RULE}
 REASON_STATUS: dict[Reason, grpc.StatusCode] = {
     reason: (
-        grpc.StatusCode.PERMISSION_DENIED
-        if reason in {Reason.SCOPE_MISSING, Reason.POLICY_DENIED, Reason.NO_MATCHING_RULE}
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+        if reason is Reason.RATE_LIMITED
+        else grpc.StatusCode.PERMISSION_DENIED
+        if reason in _PERMISSION_DENIED
         else grpc.StatusCode.UNAUTHENTICATED
     )
     for reason in Reason
@@ -53,6 +60,7 @@ REASON_STATUS: dict[Reason, grpc.StatusCode] = {
 CLIENT_MESSAGES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAUTHENTICATED: "request could not be authenticated",
     grpc.StatusCode.PERMISSION_DENIED: "request is not permitted",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rate limit exceeded; retry later",
 }
 
 

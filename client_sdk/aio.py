@@ -4,6 +4,12 @@ Same rules as the blocking client (see client.py): a deadline on every call, the
 mutual TLS, one refresh-and-retry on UNAUTHENTICATED for replayable requests. Nothing blocks the
 event loop: certificate files, image paths and token fetches are read in a thread. Request streams
 accept sync or async iterables; only a list or tuple is replayed.
+
+Known grpc.aio limitation (grpc/grpc#36066, grpcio 1.85): when the server ends a bidirectional
+stream (`running_sum`, `classify_stream`) while requests are still being written — a refused token,
+or a bad item mid-stream — grpc.aio may report INTERNAL instead of the server's status. The SDK
+raises `StatusLostError` then, and cannot retry, since the refusal is invisible. The blocking
+`Client` is not affected; client-streaming calls (`sum`) are not affected either.
 """
 
 # ruff: noqa: ASYNC109 - `timeout` is the gRPC deadline sent to the server, not a local asyncio timeout.
@@ -31,7 +37,7 @@ from client_sdk._common import (
     read_image,
     retry_after_refusal,
 )
-from client_sdk.errors import error_from_rpc
+from client_sdk.errors import StatusLostError, error_from_rpc, status_lost
 from client_sdk.tokens import TokenProvider
 from client_sdk.types import Classification, ModelInfo, SumResult
 from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
@@ -95,6 +101,8 @@ class AsyncClient:
     ) -> None:
         self._target = target
         self._pem = (ca, cert, key)
+        if not isinstance(token_provider, TokenProvider):
+            raise TypeError("token_provider must have token() and invalidate(token)")
         self._provider = token_provider
         self._default_timeout = check_timeout(default_timeout, "default_timeout")
         self._options = channel_options(server_name, options)
@@ -305,7 +313,15 @@ def _reraise_request_error(request: _Payload) -> None:
             raise request.error from None
 
 
-def _failure(exc: grpc.RpcError, request: _Payload) -> Exception:
-    if isinstance(request, AsyncRequestStream) and request.error is not None:
-        return request.error
+def _failure(exc: aio.AioRpcError, request: _Payload) -> Exception:
+    if isinstance(request, AsyncRequestStream):
+        if request.error is not None:
+            return request.error
+        if status_lost(exc):
+            return StatusLostError(
+                "the server ended the stream while requests were still being sent, and grpc.aio lost "
+                "its status (grpc/grpc#36066)",
+                grpc.StatusCode.INTERNAL,
+            )
     return error_from_rpc(exc)
+

@@ -63,6 +63,8 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._default_timeout = check_timeout(default_timeout, "default_timeout")
+        if not isinstance(token_provider, TokenProvider):
+            raise TypeError("token_provider must have token() and invalidate(token)")
         self._provider = token_provider
         self._channel = grpc.secure_channel(
             target,

@@ -96,6 +96,13 @@ class InternalError(AigisError):
     code = grpc.StatusCode.INTERNAL
 
 
+class StatusLostError(InternalError):
+    """The server ended a bidirectional stream while the asyncio client was still sending, and
+    grpc.aio replaced the server's status with INTERNAL "Internal error from Core" (grpc/grpc#36066,
+    unfixed in grpcio 1.85): the real code and request id are gone. Not retried, since the SDK
+    cannot tell whether the token was refused. The blocking `Client` reports such statuses correctly."""
+
+
 class TokenError(AigisError):
     """An access token could not be obtained. `error` is the OAuth2 error code (RFC 6749 §5.2),
     e.g. "invalid_client", or None when the token endpoint could not be reached or answered
@@ -156,6 +163,18 @@ def error_from_rpc(exc: grpc.RpcError) -> AigisError:
         code if isinstance(code, grpc.StatusCode) else None,
         _safe(exc, "details"),
         _safe(exc, "trailing_metadata"),
+    )
+
+
+def status_lost(exc: grpc.RpcError) -> bool:
+    """grpc.aio's signature for a failed request write that overwrote the status the server sent
+    (see StatusLostError)."""
+    debug = _safe(exc, "debug_error_string")
+    return (
+        _safe(exc, "code") == grpc.StatusCode.INTERNAL
+        and _safe(exc, "details") == "Internal error from Core"
+        and isinstance(debug, str)
+        and "SendMessageOperation" in debug
     )
 
 

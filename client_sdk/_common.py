@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from client_sdk.errors import TokenError
 from client_sdk.tokens import TokenProvider
 
 PemSource = str | PathLike[str] | bytes
@@ -122,9 +123,17 @@ def is_refusal(exc: grpc.RpcError) -> bool:
 def retry_after_refusal(provider: TokenProvider, refused: str, may_retry: bool) -> bool:
     """After UNAUTHENTICATED: drop the refused token so no later call sends it again, and say whether
     to retry — only if the call may be sent again (`may_retry`) and the provider now offers a
-    different token. Blocking (the provider may fetch)."""
+    different token. Blocking (the provider may fetch).
+
+    If no fresh token can be had (e.g. the client was revoked at the issuer too), the caller raises
+    the server's refusal — with its request id, which the audit log knows — not the TokenError."""
     provider.invalidate(refused)
-    return may_retry and provider.token() != refused
+    if not may_retry:
+        return False
+    try:
+        return provider.token() != refused
+    except TokenError:
+        return False
 
 
 class RequestStream(Generic[T, M]):

@@ -1,0 +1,92 @@
+"""The `aigis` command line: the demo end to end, start-up refusals, and reading the audit log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.audit_cmd import parse_since, select
+from tools.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def aigis(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    """`aigis demo` issues certs, serves, calls, and finds its three denials in the audit log."""
+    result = aigis("demo", "--dir", str(tmp_path / "demo"), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Add(2, 40) = 42" in result.stdout
+    assert "ClassifyImage(7.png) = 7" in result.stdout
+    assert "OK: 3 denied request(s) audited: token_missing, scope_missing, cert_revoked" in result.stdout
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()]
+    assert reasons == ["token_missing", "scope_missing", "cert_revoked"]
+    assert "eyJ" not in result.stdout  # no token is ever printed by the demo
+
+
+def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path) -> None:
+    """A bad value stops start-up with exit code 2 and the key in the message."""
+    config = tmp_path / "aigis.toml"
+    config.write_text('[server]\nlisten = "localhost:notaport"\n')
+    result = aigis("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "server.listen" in result.stderr
+
+
+def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
+    """No PKI, no server: the message says which file is missing and what to run."""
+    result = aigis("serve", "--certs", str(tmp_path / "nothing"), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "aigis certs init" in result.stderr
+
+
+def test_serve_refuses_a_broken_policy(tmp_path: Path) -> None:
+    """A policy with an unknown field stops start-up with the field named."""
+    assert main(["certs", "init", "--dir", str(tmp_path / "certs")]) == 0
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"name": "p", "allow_rules": [{"name": "r", "sorce": {}}]}')
+    result = aigis("serve", "--certs", str(tmp_path / "certs"), "--policy", str(policy), "--listen", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "sorce" in result.stderr
+
+
+RECORDS = [
+    {"timestamp": "2026-11-25T10:00:00.000Z", "reason": "token_expired", "principal": "a", "rpc_method": "/x/Add"},
+    {"timestamp": "2026-11-25T11:00:00.000Z", "reason": "scope_missing", "principal": "b", "rpc_method": "/x/Sum"},
+]
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        pytest.param({}, ["token_expired", "scope_missing"], id="all"),
+        pytest.param({"reason": "scope_missing"}, ["scope_missing"], id="reason"),
+        pytest.param({"principal": "a"}, ["token_expired"], id="principal"),
+        pytest.param({"method": "Sum"}, ["scope_missing"], id="method"),
+        pytest.param({"since": parse_since("2026-11-25T10:30:00Z", None)}, ["scope_missing"], id="since"),  # type: ignore[arg-type]
+    ],
+)
+def test_audit_show_filters(filters: dict, expected: list[str]) -> None:
+    """Filters select records by reason, principal, method and time."""
+    assert [r["reason"] for r in select(RECORDS, **filters)] == expected
+
+
+def test_audit_show_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit show` prints a table by default and JSON lines with --json."""
+    log = tmp_path / "audit.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    assert main(["audit", "show", "--audit-log", str(log), "--reason", "token_expired", "--json"]) == 0
+    assert [json.loads(line)["reason"] for line in capsys.readouterr().out.splitlines()] == ["token_expired"]
+    assert main(["audit", "show", "--audit-log", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "REASON" in out and "2 record(s)" in out
+    assert main(["audit", "show", "--audit-log", str(log), "--since", "yesterday"]) == 2

@@ -1,7 +1,8 @@
 """The check pipeline every RPC goes through, in a fixed order, producing a Decision.
 
-certificate identity -> revocation -> bearer token -> authorization policy. The first failure
-decides; any unexpected error is a denial (fail closed). Everything repeatable is cached: parsed
+certificate identity (client-certificate policy) -> revocation -> rate limit -> bearer token ->
+certificate binding (RFC 8705) -> authorization policy. The first failure decides; any unexpected
+error is a denial (fail closed). Everything repeatable is cached: parsed
 certificates (IdentityCache), verified tokens (TokenVerifier), and policy decisions for
 (certificate, method, scopes) when the policy does not look at headers.
 """
@@ -16,6 +17,7 @@ from typing import Any
 from auth.decision import Decision, Reason
 from auth.identity import IdentityCache, IdentityError, PeerIdentity, RevocationList
 from auth.policy import Policy
+from auth.ratelimit import RateLimiter
 from auth.tokens import TokenError, TokenVerifier, VerifiedToken
 
 log = logging.getLogger("aigis.guard")
@@ -42,9 +44,13 @@ class Guard:
         policy: Policy,
         revocations: RevocationList | None = None,
         identities: IdentityCache | None = None,
+        rate_limiter: RateLimiter | None = None,
+        require_binding: bool = False,
     ) -> None:
         self.verifier = verifier
-        self._identities = identities or IdentityCache()
+        self.identities = identities or IdentityCache()
+        self._rate_limiter = rate_limiter
+        self._require_binding = require_binding
         self._revocations = revocations or RevocationList()
         self._decisions: dict[tuple[str, str, frozenset[str] | None], Decision] = {}
         self._policy = policy
@@ -68,11 +74,13 @@ class Guard:
 
     async def check(self, method: str, context: Any) -> Verdict:
         try:
-            identity = self._identities.from_auth_context(context.auth_context())
-        except IdentityError:
-            return Verdict(Decision.deny(Reason.CERT_MISSING))
+            identity = self.identities.from_auth_context(context.auth_context())
+        except IdentityError as exc:
+            return Verdict(Decision.deny(exc.reason))
         if self._revocations.is_revoked(identity):
             return Verdict(Decision.deny(Reason.CERT_REVOKED), identity)
+        if self._rate_limiter is not None and not self._rate_limiter.allow(identity.principal):
+            return Verdict(Decision.deny(Reason.RATE_LIMITED), identity)
 
         metadata: Sequence[Any] = context.invocation_metadata() or ()
         token: VerifiedToken | None = None
@@ -82,6 +90,13 @@ class Guard:
                 token = await self.verifier.verify(raw)
         except TokenError as exc:
             return Verdict(Decision.deny(exc.reason), identity)
+        if token is not None:
+            # RFC 8705 §3: a certificate-bound token is only good over the certificate it names.
+            bound_to = token.cnf_x5t_s256
+            if bound_to is not None and bound_to != identity.fingerprint:
+                return Verdict(Decision.deny(Reason.TOKEN_CERT_MISMATCH), identity, token)
+            if bound_to is None and self._require_binding:
+                return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
 
         policy = self._policy
         if policy.uses_headers:

@@ -1,8 +1,10 @@
 """The caller's mTLS identity, read from the servicer context's auth context, and revocation.
 
-grpcio verifies the chain during the handshake (FACTS.md), so what reaches us is a certificate
-already signed by our CA; this module names the caller and checks what grpcio cannot: the CRL.
-Parsing costs tens of microseconds, so identities are cached by the certificate's PEM bytes.
+grpcio verifies the chain during the handshake (FACTS.md); this module then applies the client
+certificate policy grpcio cannot express — cryptography's x509 client verifier (not a CA, the
+clientAuth EKU, a SAN present) plus exactly one SPIFFE URI SAN in our trust domain — names the
+caller, and checks the CRL (grpcio has none). Verification costs ~80 µs, so verdicts (good and
+bad) are cached by the certificate's PEM bytes; a cache hit is a dict lookup and an expiry check.
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from auth.decision import Reason
 
 log = logging.getLogger("aigis.identity")
 
@@ -32,10 +39,16 @@ class PeerIdentity:
     serial: int
     issuer: str  # RFC 4514 string of the issuing CA's subject
     fingerprint: str  # base64url (no padding) SHA-256 of the DER certificate: RFC 8705 x5t#S256
+    not_after: float = float("inf")  # POSIX seconds; a cached identity is refused after it
 
 
 class IdentityError(Exception):
-    """The connection carries no usable client certificate."""
+    """The connection carries no usable client certificate; `reason` says which way."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 def identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
@@ -55,8 +68,7 @@ def identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
         principal = dns[0]
     else:
         principal = subject
-    der = cert.public_bytes(Encoding.DER)
-    digest = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()).rstrip(b"=")
     return PeerIdentity(
         principal=principal,
         uri_sans=uris,
@@ -64,33 +76,74 @@ def identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
         subject=subject,
         serial=cert.serial_number,
         issuer=cert.issuer.rfc4514_string(),
-        fingerprint=digest,
+        fingerprint=digest.decode(),
+        not_after=cert.not_valid_after_utc.timestamp(),
     )
 
 
-class IdentityCache:
-    """Parsed peer identities keyed by the leaf PEM grpcio hands us; bounded, insertion-ordered."""
+@dataclass(frozen=True)
+class ClientCertificatePolicy:
+    """What a client certificate must be, beyond chaining to our CA."""
 
-    def __init__(self, max_entries: int = 4096) -> None:
+    trust_anchors: tuple[x509.Certificate, ...]
+    trust_domain: str
+
+    def check(self, leaf: x509.Certificate, intermediates: Sequence[x509.Certificate], now: datetime) -> PeerIdentity:
+        """The caller's identity, or IdentityError(CERT_INVALID) saying what is wrong."""
+        verifier = PolicyBuilder().store(Store(list(self.trust_anchors))).time(now).build_client_verifier()
+        try:
+            verifier.verify(leaf, list(intermediates))
+        except VerificationError as exc:
+            raise IdentityError(Reason.CERT_INVALID, f"client verifier: {exc}") from None
+        identity = identity_from_certificate(leaf)
+        spiffe = [u for u in identity.uri_sans if u.startswith("spiffe://")]
+        if len(spiffe) != 1:
+            raise IdentityError(Reason.CERT_INVALID, f"expected exactly one SPIFFE URI SAN, found {len(spiffe)}")
+        if spiffe[0].split("/", 3)[2] != self.trust_domain:
+            raise IdentityError(Reason.CERT_INVALID, f"SPIFFE ID {spiffe[0]} is outside {self.trust_domain}")
+        return identity
+
+
+class IdentityCache:
+    """Client-certificate verdicts keyed by the leaf PEM grpcio hands us; bounded, insertion-ordered."""
+
+    def __init__(self, policy: ClientCertificatePolicy | None = None, max_entries: int = 4096) -> None:
+        self.policy = policy
         self._max = max_entries
-        self._by_pem: dict[bytes, PeerIdentity] = {}
+        self._by_pem: dict[bytes, PeerIdentity | IdentityError] = {}
+
+    def clear(self) -> None:
+        self._by_pem = {}
 
     def from_auth_context(self, auth_context: Mapping[str, Sequence[bytes]]) -> PeerIdentity:
-        """The verified peer's identity; IdentityError when the connection has no certificate."""
+        """The verified peer's identity; IdentityError when there is no acceptable certificate."""
         pems = auth_context.get("x509_pem_cert")
         if not pems:
-            raise IdentityError("no peer certificate")
+            raise IdentityError(Reason.CERT_MISSING, "no peer certificate")
         pem = pems[0]
-        identity = self._by_pem.get(pem)
-        if identity is None:
-            try:
-                identity = identity_from_certificate(x509.load_pem_x509_certificate(pem))
-            except ValueError as exc:
-                raise IdentityError("unparseable peer certificate") from exc
+        verdict = self._by_pem.get(pem)
+        if verdict is None:
+            verdict = self._verify(pem, auth_context.get("x509_pem_cert_chain") or ())
             if len(self._by_pem) >= self._max:
                 del self._by_pem[next(iter(self._by_pem))]
-            self._by_pem[pem] = identity
-        return identity
+            self._by_pem[pem] = verdict
+        if isinstance(verdict, IdentityError):
+            raise verdict
+        if time.time() >= verdict.not_after:  # a long-lived connection outlives its certificate
+            raise IdentityError(Reason.CERT_INVALID, "certificate expired during the connection")
+        return verdict
+
+    def _verify(self, pem: bytes, chain: Sequence[bytes]) -> PeerIdentity | IdentityError:
+        try:
+            leaf = x509.load_pem_x509_certificate(pem)
+            if self.policy is None:
+                return identity_from_certificate(leaf)
+            intermediates = [c for c in x509.load_pem_x509_certificates(b"".join(chain)) if c != leaf] if chain else []
+            return self.policy.check(leaf, intermediates, datetime.now(UTC))
+        except IdentityError as exc:
+            return exc
+        except ValueError as exc:
+            return IdentityError(Reason.CERT_INVALID, f"unparseable peer certificate: {exc}")
 
 
 class RevocationList:

@@ -24,7 +24,7 @@ from auth.audit import AuditLog, rfc3339_now
 from auth.decision import CLIENT_MESSAGES, Decision, Reason
 from auth.guard import Guard, Verdict
 from auth.policy import AuditCondition
-from server.errors import ServiceError
+from server.errors import ResourceExhausted, ServiceError
 
 log = logging.getLogger("aigis.interceptor")
 
@@ -39,9 +39,10 @@ def new_request_id() -> str:
 class SecurityInterceptor(aio.ServerInterceptor):
     """Authenticates, authorizes and audits every RPC before its servicer runs."""
 
-    def __init__(self, guard: Guard, audit: AuditLog | None) -> None:
+    def __init__(self, guard: Guard, audit: AuditLog | None, *, max_stream_messages: int = 10_000) -> None:
         self._guard = guard
         self._audit = audit
+        self._max_stream_messages = max_stream_messages
         # The generic handler returns the same RpcMethodHandler for a method every time, so the
         # wrapped handler is built once per method, not once per call.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -59,14 +60,18 @@ class SecurityInterceptor(aio.ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = grpc.experimental.wrap_server_method_handler(
-            lambda behavior: self._wrap_behavior(method, behavior), handler
+            lambda behavior: self._wrap_behavior(method, behavior, handler.request_streaming), handler
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap_behavior(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_behavior(
+        self, method: str, behavior: Callable[..., Any], request_streaming: bool
+    ) -> Callable[..., Any]:
         authorize = self._authorize
         fail = self._fail
+        if request_streaming:
+            behavior = _cap_request_stream(behavior, self._max_stream_messages)
 
         if inspect.isasyncgenfunction(behavior):
 
@@ -150,6 +155,31 @@ class SecurityInterceptor(aio.ServerInterceptor):
             "policy_name": decision.policy_name,
             "matched_rule": decision.matched_rule,
         }
+
+
+def _cap_request_stream(behavior: Callable[..., Any], cap: int) -> Callable[..., Any]:
+    """Bound the messages one client stream may send: an endless stream is cut off, not served."""
+
+    async def capped(request_iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        count = 0
+        async for message in request_iterator:
+            count += 1
+            if count > cap:
+                raise ResourceExhausted(f"a stream may carry at most {cap} messages")
+            yield message
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream_with_cap(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in behavior(capped(request_iterator), context):
+                yield response
+
+        return stream_with_cap
+
+    async def with_cap(request_iterator: Any, context: aio.ServicerContext) -> Any:
+        return await behavior(capped(request_iterator), context)
+
+    return with_cap
 
 
 _AUDIT_DENIALS = frozenset({AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW})

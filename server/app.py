@@ -17,18 +17,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from auth.audit import AuditLog
+from auth.clients import load_registry
 from auth.guard import Guard
-from auth.identity import RevocationList
+from auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
 from auth.interceptor import SecurityInterceptor
 from auth.issuer import IssuerConfig, IssuerServer
-from auth.pki import PkiPaths
+from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from auth.policy import Policy
+from auth.ratelimit import RateLimit, RateLimiter
 from auth.tokens import TokenVerifier, TrustedIssuer
 from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
@@ -75,6 +78,40 @@ def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIss
         url = embedded_url or config.issuer.issuer_url()
         issuers.append(TrustedIssuer(url, config.issuer.audience, jwks_file=PkiPaths(config.certs).jwks))
     return issuers
+
+
+def grpc_options(config: Config) -> list[tuple[str, int]]:
+    """Every transport limit stated explicitly (gRPC's defaults are not a security posture)."""
+    limits = config.limits
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.max_connection_age_ms", ms(limits.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", ms(limits.max_connection_age_grace_seconds)),
+        ("grpc.max_connection_idle_ms", ms(limits.max_connection_idle_seconds)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(limits.min_ping_interval_seconds)),
+        ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def client_certificate_policy(config: Config, pki: PkiPaths) -> ClientCertificatePolicy:
+    """Trust anchors from the CA bundle; trust domain from config, else from the client registry."""
+    anchors = tuple(x509.load_pem_x509_certificates(_read(pki.ca_cert, "CA certificate")))
+    trust_domain = config.trust_domain
+    if not trust_domain:
+        try:
+            trust_domain = load_registry(pki.clients_registry).trust_domain
+        except FileNotFoundError:
+            trust_domain = DEFAULT_TRUST_DOMAIN
+    return ClientCertificatePolicy(anchors, trust_domain)
 
 
 class FileWatcher:
@@ -156,6 +193,7 @@ async def start_server(config: Config) -> AigisServer:
         policy = await asyncio.to_thread(Policy.load, config.policy)
         revocations = await asyncio.to_thread(RevocationList.load, pki.crl, pki.ca_cert)
         registry = await asyncio.to_thread(ModelRegistry.load, config.models)
+        cert_policy = await asyncio.to_thread(client_certificate_policy, config, pki)
     except StartupError:
         raise
     except Exception as exc:
@@ -185,17 +223,22 @@ async def start_server(config: Config) -> AigisServer:
             issuer.stop()
         raise StartupError(f"token verification keys: {exc}") from None
 
-    guard = Guard(verifier=verifier, policy=policy, revocations=revocations)
+    limits = config.limits
+    guard = Guard(
+        verifier=verifier,
+        policy=policy,
+        revocations=revocations,
+        identities=IdentityCache(cert_policy),
+        rate_limiter=RateLimiter(RateLimit(limits.rate_per_second, limits.rate_burst))
+        if limits.rate_per_second > 0
+        else None,
+        require_binding=config.require_bound_tokens,
+    )
     audit = AuditLog(config.audit_log)
     audit.start()
-    max_bytes = config.max_message_bytes
     server = aio.server(
-        interceptors=[SecurityInterceptor(guard, audit)],
-        options=[
-            ("grpc.max_receive_message_length", max_bytes),
-            ("grpc.max_send_message_length", max_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+        interceptors=[SecurityInterceptor(guard, audit, max_stream_messages=limits.max_stream_messages)],
+        options=grpc_options(config),
     )
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), server)

@@ -65,6 +65,22 @@ class IssuerSettings:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Explicit resource limits; every one is enforced and tested (README "Limits")."""
+
+    rate_per_second: float = 0.0  # per-principal token bucket refill; 0 turns rate limiting off
+    rate_burst: int = 100
+    max_metadata_bytes: int = 16 * 1024  # request headers, tokens included (gRPC's own hard limit)
+    max_concurrent_streams: int = 100  # per connection
+    max_stream_messages: int = 10_000  # per client stream (Sum, RunningSum, ClassifyStream, ...)
+    max_connection_age_seconds: float = 3600.0  # then the client reconnects (and re-handshakes)
+    max_connection_age_grace_seconds: float = 30.0
+    max_connection_idle_seconds: float = 600.0
+    min_ping_interval_seconds: float = 60.0  # clients pinging more often than this get GOAWAY ...
+    max_ping_strikes: int = 2  # ... after this many offences
+
+
+@dataclass(frozen=True)
 class Config:
     listen: HostPort = HostPort("127.0.0.1", 50051)
     certs: Path = Path("certs")
@@ -77,6 +93,12 @@ class Config:
     leeway: timedelta = timedelta(seconds=30)
     algorithms: tuple[str, ...] = ("ES256", "RS256", "EdDSA")
     issuer: IssuerSettings = field(default_factory=IssuerSettings)
+    limits: Limits = field(default_factory=Limits)
+    # Client certificates must carry exactly one SPIFFE ID in this trust domain; empty means
+    # "the one `aigis certs init` recorded in the client registry".
+    trust_domain: str = ""
+    # RFC 8705: refuse tokens that are not bound to a client certificate (cnf x5t#S256).
+    require_bound_tokens: bool = False
     # Trusted external issuers. When empty, tokens from the embedded issuer are trusted.
     external_issuers: tuple[ExternalIssuer, ...] = ()
 
@@ -147,7 +169,9 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
     auth = _Section(top.get("auth", dict, {}), "auth", base)
     issuer = _Section(top.get("issuer", dict, {}), "issuer", base)
     audit = _Section(top.get("audit", dict, {}), "audit", base)
+    limits_table = _Section(top.get("limits", dict, {}), "limits", base)
     top.finish()
+    limits = _limits(limits_table)
 
     listen = server.get("listen", str, None)
     algorithms = auth.get("algorithms", list, list(default.algorithms))
@@ -186,11 +210,35 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         leeway=timedelta(seconds=leeway),
         algorithms=tuple(algorithms),
         issuer=issuer_settings,
+        limits=limits,
+        trust_domain=auth.get("trust_domain", str, ""),
+        require_bound_tokens=auth.get("require_bound_tokens", bool, False),
         external_issuers=externals,
     )
-    for section in (server, auth, issuer, audit):
+    for section in (server, auth, issuer, audit, limits_table):
         section.finish()
     return config
+
+
+def _limits(section: _Section) -> Limits:
+    d = Limits()
+    rate = section.get("rate_per_second", (int, float), d.rate_per_second)
+    if rate < 0:
+        raise ConfigError(f"limits.rate_per_second: must be 0 (off) or more, got {rate!r}")
+    return Limits(
+        rate_per_second=float(rate),
+        rate_burst=section.positive("rate_burst", d.rate_burst, int),
+        max_metadata_bytes=section.positive("max_metadata_bytes", d.max_metadata_bytes, int),
+        max_concurrent_streams=section.positive("max_concurrent_streams", d.max_concurrent_streams, int),
+        max_stream_messages=section.positive("max_stream_messages", d.max_stream_messages, int),
+        max_connection_age_seconds=section.positive("max_connection_age_seconds", d.max_connection_age_seconds),
+        max_connection_age_grace_seconds=section.positive(
+            "max_connection_age_grace_seconds", d.max_connection_age_grace_seconds
+        ),
+        max_connection_idle_seconds=section.positive("max_connection_idle_seconds", d.max_connection_idle_seconds),
+        min_ping_interval_seconds=section.positive("min_ping_interval_seconds", d.min_ping_interval_seconds),
+        max_ping_strikes=section.positive("max_ping_strikes", d.max_ping_strikes, int),
+    )
 
 
 def _empty(key: str) -> str:

@@ -90,7 +90,9 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # The soft limit rejects at random between soft and hard; both equal makes it exact.
         ("grpc.max_metadata_size", limits.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
         ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
         ("grpc.max_connection_age_ms", ms(limits.max_connection_age_seconds)),
         ("grpc.max_connection_age_grace_ms", ms(limits.max_connection_age_grace_seconds)),

@@ -15,6 +15,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from auth.decision import CLIENT_MESSAGES, Decision, Reason
 from auth.guard import Guard, Verdict
 from auth.policy import AuditCondition
 from server.errors import ResourceExhausted, ServiceError
+from server.metrics import Metrics
 
 log = logging.getLogger("aigis.interceptor")
 
@@ -39,9 +41,17 @@ def new_request_id() -> str:
 class SecurityInterceptor(aio.ServerInterceptor):
     """Authenticates, authorizes and audits every RPC before its servicer runs."""
 
-    def __init__(self, guard: Guard, audit: AuditLog | None, *, max_stream_messages: int = 10_000) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        audit: AuditLog | None,
+        *,
+        max_stream_messages: int = 10_000,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._guard = guard
         self._audit = audit
+        self._metrics = metrics
         self._max_stream_messages = max_stream_messages
         # The generic handler returns the same RpcMethodHandler for a method every time, so the
         # wrapped handler is built once per method, not once per call.
@@ -70,20 +80,24 @@ class SecurityInterceptor(aio.ServerInterceptor):
     ) -> Callable[..., Any]:
         authorize = self._authorize
         fail = self._fail
+        metrics = self._metrics
         if request_streaming:
             behavior = _cap_request_stream(behavior, self._max_stream_messages)
 
         if inspect.isasyncgenfunction(behavior):
 
             async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                await authorize(method, context)
+                started = perf_counter()
+                await authorize(method, context, started)
                 try:
                     async for response in behavior(request, context):
                         yield response
                 except aio.AbortError:
                     raise
                 except Exception as exc:
-                    await fail(method, context, exc)
+                    await fail(method, context, exc, started)
+                if metrics is not None:
+                    metrics.done(method, "OK", perf_counter() - started)
 
             return checked_stream
 
@@ -91,17 +105,21 @@ class SecurityInterceptor(aio.ServerInterceptor):
             raise TypeError(f"{method}: grpc.aio servicers must be async (got {behavior!r})")
 
         async def checked(request: Any, context: aio.ServicerContext) -> Any:
-            await authorize(method, context)
+            started = perf_counter()
+            await authorize(method, context, started)
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except aio.AbortError:
                 raise
             except Exception as exc:
-                await fail(method, context, exc)
+                await fail(method, context, exc, started)
+            if metrics is not None:
+                metrics.done(method, "OK", perf_counter() - started)
+            return response
 
         return checked
 
-    async def _authorize(self, method: str, context: aio.ServicerContext) -> None:
+    async def _authorize(self, method: str, context: aio.ServicerContext, started: float) -> None:
         """Return when the call may proceed; otherwise audit and abort it."""
         try:
             verdict = await self._guard.check(method, context)
@@ -110,23 +128,26 @@ class SecurityInterceptor(aio.ServerInterceptor):
             request_id = new_request_id()
             log.exception("check failed for %s (request %s); denying", method, request_id)
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
-            await self._deny(method, context, verdict, request_id)
+            await self._deny(method, context, verdict, request_id, started)
             return
         if verdict.decision.allowed:
             if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
                 self._audit.record(self._record(method, context, verdict, new_request_id()))
             return
-        await self._deny(method, context, verdict, new_request_id())
+        await self._deny(method, context, verdict, new_request_id(), started)
 
     async def _deny(
-        self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str
+        self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str, started: float
     ) -> None:
         if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
             self._audit.record(self._record(method, context, verdict, request_id))
         code = verdict.decision.status
+        if self._metrics is not None:
+            self._metrics.denied(verdict.decision.reason.value if verdict.decision.reason else "")
+            self._metrics.done(method, code.name, perf_counter() - started)
         await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
 
-    async def _fail(self, method: str, context: aio.ServicerContext, exc: Exception) -> None:
+    async def _fail(self, method: str, context: aio.ServicerContext, exc: Exception, started: float) -> None:
         """Turn a servicer exception into a status: ServiceErrors keep their message."""
         request_id = new_request_id()
         if isinstance(exc, ServiceError):
@@ -134,6 +155,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
         else:
             log.error("%s failed (request %s)", method, request_id, exc_info=exc)
             code, message = grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE
+        if self._metrics is not None:
+            self._metrics.done(method, code.name, perf_counter() - started)
         await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
 
     @staticmethod

@@ -38,6 +38,7 @@ from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from server.calculator import CalculatorServicer
 from server.classifier import ImageClassificationServicer
 from server.config import Config
+from server.metrics import Metrics
 from server.model import ModelRegistry
 
 log = logging.getLogger("aigis.server")
@@ -119,8 +120,14 @@ def client_certificate_policy(config: Config, pki: PkiPaths) -> ClientCertificat
 class FileWatcher:
     """Reloads a file when its mtime changes; a broken new file is refused, the last good kept."""
 
-    def __init__(self, path: Path, load: Callable[[], object], apply: Callable[[object], None]) -> None:
-        self.path, self._load, self._apply = path, load, apply
+    def __init__(
+        self,
+        path: Path,
+        load: Callable[[], object],
+        apply: Callable[[object], None],
+        refused: Callable[[Path], None] | None = None,
+    ) -> None:
+        self.path, self._load, self._apply, self._refused = path, load, apply, refused
         self._stamp = self._mtime()
 
     def _mtime(self) -> float | None:
@@ -138,6 +145,8 @@ class FileWatcher:
             value = await asyncio.to_thread(self._load)
         except Exception as exc:
             log.error("refusing changed %s, keeping the last good one: %s", self.path, exc)
+            if self._refused is not None:
+                self._refused(self.path)
             return
         self._apply(value)
         log.info("reloaded %s", self.path)
@@ -155,6 +164,8 @@ class AigisServer:
     executor: ThreadPoolExecutor
     health: HealthServicer
     watchers: list[FileWatcher]
+    metrics: Metrics
+    metrics_port: int | None = None
     _reload_task: asyncio.Task[None] | None = None
 
     @property
@@ -185,6 +196,7 @@ class AigisServer:
             await asyncio.to_thread(self.issuer.stop)
         await asyncio.to_thread(self.audit.close)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self.metrics.stop)
 
 
 async def start_server(config: Config) -> AigisServer:
@@ -238,8 +250,18 @@ async def start_server(config: Config) -> AigisServer:
     )
     audit = AuditLog(config.audit_log)
     audit.start()
+    metrics = Metrics()
+    metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
+    metrics_port = None
+    if config.metrics_listen is not None:
+        try:
+            metrics_port = metrics.serve(config.metrics_listen.host, config.metrics_listen.port)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
     server = aio.server(
-        interceptors=[SecurityInterceptor(guard, audit, max_stream_messages=limits.max_stream_messages)],
+        interceptors=[
+            SecurityInterceptor(guard, audit, max_stream_messages=limits.max_stream_messages, metrics=metrics)
+        ],
         options=grpc_options(config),
     )
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
@@ -261,6 +283,9 @@ async def start_server(config: Config) -> AigisServer:
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def refused(path: Path) -> None:
+        metrics.reload_failures.labels(path.name).inc()
+
     def apply_policy(value: object) -> None:
         guard.policy = value  # type: ignore[assignment]
 
@@ -268,10 +293,10 @@ async def start_server(config: Config) -> AigisServer:
         guard.revocations = value  # type: ignore[assignment]
 
     watchers = [
-        FileWatcher(config.policy, lambda: Policy.load(config.policy), apply_policy),
-        FileWatcher(pki.crl, lambda: RevocationList.load(pki.crl, pki.ca_cert), apply_crl),
+        FileWatcher(config.policy, lambda: Policy.load(config.policy), apply_policy, refused),
+        FileWatcher(pki.crl, lambda: RevocationList.load(pki.crl, pki.ca_cert), apply_crl, refused),
     ]
-    running = AigisServer(config, server, port, issuer, audit, executor, health, watchers)
+    running = AigisServer(config, server, port, issuer, audit, executor, health, watchers, metrics, metrics_port)
     running._reload_task = asyncio.create_task(running._reload_loop())
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")
     if issuer is not None:

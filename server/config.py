@@ -94,6 +94,9 @@ class Config:
     algorithms: tuple[str, ...] = ("ES256", "RS256", "EdDSA")
     issuer: IssuerSettings = field(default_factory=IssuerSettings)
     limits: Limits = field(default_factory=Limits)
+    # Prometheus /metrics over plain HTTP: loopback by default (it names methods and principals'
+    # denial counts, never tokens); None turns it off.
+    metrics_listen: HostPort | None = HostPort("127.0.0.1", 9464)
     # Client certificates must carry exactly one SPIFFE ID in this trust domain; empty means
     # "the one `aigis certs init` recorded in the client registry".
     trust_domain: str = ""
@@ -170,7 +173,10 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
     issuer = _Section(top.get("issuer", dict, {}), "issuer", base)
     audit = _Section(top.get("audit", dict, {}), "audit", base)
     limits_table = _Section(top.get("limits", dict, {}), "limits", base)
+    metrics = _Section(top.get("metrics", dict, {}), "metrics", base)
     top.finish()
+    metrics_listen = metrics.get("listen", str, None)
+    metrics_enabled = metrics.get("enabled", bool, True)
     limits = _limits(limits_table)
 
     listen = server.get("listen", str, None)
@@ -211,11 +217,14 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         algorithms=tuple(algorithms),
         issuer=issuer_settings,
         limits=limits,
+        metrics_listen=(parse_host_port(metrics_listen, "metrics.listen") if metrics_listen else default.metrics_listen)
+        if metrics_enabled
+        else None,
         trust_domain=auth.get("trust_domain", str, ""),
         require_bound_tokens=auth.get("require_bound_tokens", bool, False),
         external_issuers=externals,
     )
-    for section in (server, auth, issuer, audit, limits_table):
+    for section in (server, auth, issuer, audit, limits_table, metrics):
         section.finish()
     return config
 
@@ -282,6 +291,8 @@ def load_config(path: Path | None, **overrides: Any) -> Config:
             continue
         if name == "listen":
             changes["listen"] = parse_host_port(value, "--listen")
+        elif name == "metrics_listen":
+            changes["metrics_listen"] = None if value == "off" else parse_host_port(value, "--metrics-listen")
         elif name == "issuer_listen":
             changes["issuer"] = replace(config.issuer, listen=parse_host_port(value, "--issuer-listen"))
         elif name in {"certs", "models", "policy", "audit_log"}:

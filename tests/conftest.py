@@ -104,6 +104,7 @@ def stack_config(pki: PkiPaths, audit_log: Path, **changes: Any) -> Config:
         certs=pki.root,
         audit_log=audit_log,
         issuer=IssuerSettings(listen=HostPort("127.0.0.1", 0)),
+        metrics_listen=HostPort("127.0.0.1", 0),
         grace_seconds=1.0,
         **changes,
     )

@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
             audit_log=args.audit_log,
             issuer_listen=args.issuer_listen,
             models=args.models,
+            metrics_listen=args.metrics_listen,
         )
     except ConfigError as exc:
         print(f"aigis serve: invalid configuration: {exc}", file=sys.stderr)
@@ -39,7 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(running: object) -> None:
         port = running.port  # type: ignore[attr-defined]
         issuer = running.issuer  # type: ignore[attr-defined]
-        info = {"target": f"localhost:{port}", "port": port, "issuer_url": issuer.url if issuer else None}
+        info = {"target": f"localhost:{port}", "port": port, "issuer_url": issuer.url if issuer else None,
+                "metrics_port": running.metrics_port}  # type: ignore[attr-defined]
         issuer_note = f", token issuer {issuer.url}" if issuer else ""
         print(f"aigis: serving on {config.listen.host}:{port}{issuer_note}", flush=True)
         if args.ready_file:
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--audit-log", type=Path, help="audit log path (default ./aigis-audit.jsonl)")
     serve.add_argument("--issuer-listen", help="HOST:PORT for the token issuer (default 127.0.0.1:8443)")
     serve.add_argument("--models", type=Path, help="model directory (default: the bundled models)")
+    serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics, or 'off' (default 127.0.0.1:9464)")
     serve.add_argument("--ready-file", type=Path,
                        help="once serving, write {target, port, issuer_url} JSON here")
     serve.set_defaults(func=_serve)

@@ -45,7 +45,7 @@ class ServerProcess:
         self.log = (work / "server.log").open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tools.cli", "serve", "--certs", str(pki.root),
-             "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0",
+             "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              "--audit-log", str(self.audit_log), "--ready-file", str(self.ready_file)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
         )

@@ -1,0 +1,89 @@
+"""Prometheus metrics (prometheus-client) on their own HTTP port.
+
+Each server has its own CollectorRegistry, so several servers in one process (tests, benchmarks)
+do not mix. Label children are resolved once per (method, code) and cached: the per-call cost is
+two dict lookups, a counter increment and a histogram observation (~1.5 µs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("aigis.metrics")
+
+# From 100 µs (a cached-token Add) to 10 s (a long stream).
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Everything aigis exports. Methods are cheap and safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "aigis_requests", "RPCs by method and final status code.", ["method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "aigis_request_duration_seconds",
+            "Time from the interceptor's first check to the servicer's last response.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.denials = Counter("aigis_denials", "Denied RPCs by reason code.", ["reason"], registry=self.registry)
+        self.batch_size = Histogram(
+            "aigis_inference_batch_size", "Images per inference batch.", ["model"], buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_queue = Gauge("aigis_audit_queue_depth", "Audit records not yet on disk.", registry=self.registry)
+        self.cert_expiry = Gauge(
+            "aigis_certificate_expiry_timestamp_seconds", "notAfter of the certificates in use (POSIX time).",
+            ["certificate"], registry=self.registry,
+        )
+        self.reload_failures = Counter(
+            "aigis_reload_failures", "Changed files refused on reload (last good kept).", ["file"],
+            registry=self.registry,
+        )
+        self._done: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def done(self, method: str, code: str, seconds: float) -> None:
+        children = self._done.get((method, code))
+        if children is None:
+            children = (self.requests.labels(method, code), self.latency.labels(method))
+            self._done[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def denied(self, reason: str) -> None:
+        self.denials.labels(reason).inc()
+
+    def track_audit_queue(self, depth: Callable[[], float]) -> None:
+        self.audit_queue.set_function(depth)
+
+    def certificate_files(self, files: dict[str, Path]) -> None:
+        """Publish notAfter of each certificate file (first certificate in it)."""
+        for name, path in files.items():
+            try:
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read %s for its expiry metric: %s", path, exc)
+                continue
+            self.cert_expiry.labels(name).set(cert.not_valid_after_utc.timestamp())
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint (a daemon thread); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def stop(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()

@@ -1,0 +1,51 @@
+"""Prometheus metrics: requests by method and code, denials by reason, latency, certificate expiry."""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+from calls import RPC_KINDS, bearer, channel, issuer_token, run
+
+
+def scrape(stack: Any) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample line, 0 if absent."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_count_calls_denials_and_latency(start_stack: Any) -> None:
+    """Allowed calls, denials by reason and latency observations show up on /metrics."""
+    stack = start_stack()
+    with channel(stack, "demo") as ch:
+        for _ in range(3):
+            assert RPC_KINDS["unary"](ch, bearer(issuer_token(stack, "demo"))) == 5
+        assert run(lambda: RPC_KINDS["unary"](ch, ())).request_id  # token_missing
+    text = scrape(stack)
+    add = "/aigis.calculator.v1.Calculator/Add"
+    assert sample(text, "aigis_requests_total", method=add, code="OK") == 3
+    assert sample(text, "aigis_requests_total", method=add, code="UNAUTHENTICATED") == 1
+    assert sample(text, "aigis_denials_total", reason="token_missing") == 1
+    assert sample(text, "aigis_request_duration_seconds_count", method=add) == 4
+    expiry = sample(text, "aigis_certificate_expiry_timestamp_seconds", certificate="server")
+    assert expiry > 1.7e9
+
+
+def test_refused_reload_is_counted(start_stack: Any) -> None:
+    """A broken policy file on reload is refused, counted, and the server keeps its last good policy."""
+    stack = start_stack()
+    policy_path = stack.server.config.policy
+    policy_path.write_text("{ not json")
+    stack.run(stack.server.reload_now())
+    assert sample(scrape(stack), "aigis_reload_failures_total", file=policy_path.name) == 1
+    with channel(stack, "demo") as ch:
+        assert RPC_KINDS["unary"](ch, bearer(issuer_token(stack, "demo"))) == 5

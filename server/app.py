@@ -101,7 +101,8 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", ms(limits.min_ping_interval_seconds)),
         ("grpc.http2.max_ping_strikes", limits.max_ping_strikes),
         ("grpc.keepalive_permit_without_calls", 0),
-        ("grpc.so_reuseport", 0),
+        # Only worker processes share a port; a lone server must not silently share one.
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
 
 

@@ -102,6 +102,10 @@ class Config:
     trust_domain: str = ""
     # RFC 8705: refuse tokens that are not bound to a client certificate (cnf x5t#S256).
     require_bound_tokens: bool = False
+    # Server processes sharing the port (SO_REUSEPORT); set by `aigis serve --workers N`.
+    workers: int = 1
+    # Which worker this process is (None when not started by the supervisor): names its audit file.
+    worker_id: int | None = None
     # Trusted external issuers. When empty, tokens from the embedded issuer are trusted.
     external_issuers: tuple[ExternalIssuer, ...] = ()
 
@@ -213,6 +217,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         max_message_bytes=server.positive("max_message_bytes", default.max_message_bytes, int),
         grace_seconds=server.positive("grace_seconds", default.grace_seconds),
         inference_threads=server.positive("inference_threads", default.inference_threads, int),
+        workers=server.positive("workers", default.workers, int),
         leeway=timedelta(seconds=leeway),
         algorithms=tuple(algorithms),
         issuer=issuer_settings,
@@ -295,6 +300,10 @@ def load_config(path: Path | None, **overrides: Any) -> Config:
             changes["metrics_listen"] = None if value == "off" else parse_host_port(value, "--metrics-listen")
         elif name == "issuer_listen":
             changes["issuer"] = replace(config.issuer, listen=parse_host_port(value, "--issuer-listen"))
+        elif name == "workers":
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--workers: must be 1 or more, got {value!r}")
+            changes["workers"] = value
         elif name in {"certs", "models", "policy", "audit_log"}:
             changes[name] = Path(value)
         else:

@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             issuer_listen=args.issuer_listen,
             models=args.models,
             metrics_listen=args.metrics_listen,
+            workers=args.workers,
         )
     except ConfigError as exc:
         print(f"aigis serve: invalid configuration: {exc}", file=sys.stderr)
@@ -44,10 +45,29 @@ def _serve(args: argparse.Namespace) -> int:
                 "metrics_port": running.metrics_port}  # type: ignore[attr-defined]
         issuer_note = f", token issuer {issuer.url}" if issuer else ""
         print(f"aigis: serving on {config.listen.host}:{port}{issuer_note}", flush=True)
+        write_ready(info)
+
+    def write_ready(info: dict[str, object]) -> None:
         if args.ready_file:
             tmp = args.ready_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info))
             os.replace(tmp, args.ready_file)
+
+    if config.workers > 1:
+        from server.workers import run_workers
+
+        def workers_ready(infos: list) -> None:  # type: ignore[type-arg]
+            first = infos[0]
+            print(f"aigis: {len(infos)} workers serving on {config.listen.host}:{first.port}, "
+                  f"token issuer {first.issuer_url}", flush=True)
+            write_ready({"target": f"localhost:{first.port}", "port": first.port, "issuer_url": first.issuer_url,
+                         "metrics_ports": [i.metrics_port for i in infos], "pids": [i.pid for i in infos]})
+
+        try:
+            return run_workers(config, config.workers, ready=workers_ready)
+        except RuntimeError as exc:
+            print(f"aigis serve: cannot start: {exc}", file=sys.stderr)
+            return 2
 
     try:
         asyncio.run(serve(config, ready=ready))
@@ -130,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--issuer-listen", help="HOST:PORT for the token issuer (default 127.0.0.1:8443)")
     serve.add_argument("--models", type=Path, help="model directory (default: the bundled models)")
     serve.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics, or 'off' (default 127.0.0.1:9464)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
     serve.add_argument("--ready-file", type=Path,
                        help="once serving, write {target, port, issuer_url} JSON here")
     serve.set_defaults(func=_serve)

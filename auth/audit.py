@@ -1,77 +1,259 @@
-"""The audit log: one JSON line per audited RPC, written by a background thread.
+"""The audit log: one hash-chained JSON line per audited RPC, written by a background thread.
 
-The request path only builds a small dict and puts it on a queue (no I/O, no JSON on the event
-loop); the writer thread serialises, appends and flushes in batches. Field names follow gRFC A59
-(rpc_method, principal, policy_name, matched_rule, authorized). Records never hold a token.
+The request path only counts and enqueues the dict the interceptor built (no I/O, no JSON on the
+event loop); the writer thread seals each record into the chain (auth.audit_chain), appends a
+batch with one write, and fsyncs it. Field names follow gRFC A59 (rpc_method, principal,
+policy_name, matched_rule, authorized). Records never hold a token.
+
+Nothing is lost silently: the queue is bounded, and a record that finds it full is counted
+instead; the writer then appends an `audit_overflow` record (how many, their reasons, when) into
+the chain as soon as it has caught up. Blocking the event loop would stall every RPC, and an
+unbounded queue would let a flood of denials exhaust memory, so a counted, chained gap is the
+honest third choice.
+
+Crash safety: at start the writer cuts a torn last line (a crash mid-write) off the active
+file, then continues the chain from the last whole record, so `aigis audit verify` passes again.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import queue
 import threading
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from auth.audit_chain import (
+    GENESIS,
+    AuditError,
+    is_chained,
+    load_hmac_key,
+    read_records,
+    record_chain_ok,
+    rotated_indexes,
+    rotated_path,
+    seal,
+    writer_path,
+)
+
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "AuditError", "AuditLog", "read_records", "rfc3339_now"]
+
 log = logging.getLogger("aigis.audit")
 
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+# ~1.2 KB per queued record: about 40 MB at most, several seconds of a full-speed denial flood
+# while the disk stalls (the writer drains >100k records/s otherwise).
+DEFAULT_QUEUE_SIZE = 32_768
+OVERFLOW_EVENT = "audit_overflow"
 _STOP = object()
+_TAIL_CHUNK = 64 * 1024
 
 
 def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class AuditLog:
-    """Append-only JSON-lines audit log, written off the request path.
+@dataclass
+class _Drops:
+    """Records that could not be queued or written, summed up for one overflow record."""
 
-    `record()` never blocks and never raises; `close()` drains everything queued, so every record
-    handed over before shutdown reaches the file.
+    count: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    causes: Counter[str] = field(default_factory=Counter)
+    first: str | None = None
+    last: str | None = None
+
+    def add(self, entry: Mapping[str, Any], cause: str) -> None:
+        self.count += 1
+        self.by_reason[str(entry.get("reason") or entry.get("event") or "-")] += 1
+        self.causes[cause] += 1
+        stamp = entry.get("timestamp")
+        if isinstance(stamp, str):
+            self.first = self.first or stamp
+            self.last = stamp
+
+    def merge_older(self, other: _Drops) -> None:
+        self.count += other.count
+        self.by_reason.update(other.by_reason)
+        self.causes.update(other.causes)
+        self.first = other.first or self.first
+        self.last = self.last or other.last
+
+    def event(self) -> dict[str, Any]:
+        return {
+            "event": OVERFLOW_EVENT,
+            "timestamp": rfc3339_now(),
+            "dropped": self.count,
+            "by_reason": dict(self.by_reason),
+            "causes": dict(self.causes),
+            "first_timestamp": self.first,
+            "last_timestamp": self.last,
+        }
+
+
+class AuditLog:
+    """Append-only, hash-chained JSON-lines audit log, written off the request path.
+
+    `record()` never blocks and never raises; `close()` drains everything queued. `path` is the
+    file this process writes: the configured path, or `stem.wN.suffix` for worker N.
     """
 
-    def __init__(self, path: Path, *, max_batch: int = 512) -> None:
-        self.path = path
+    def __init__(
+        self,
+        path: Path,
+        *,
+        hmac_key_file: Path | None = None,
+        worker_id: int | str | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_batch: int = 512,
+        fsync: bool = True,
+    ) -> None:
+        if max_bytes <= 0 or queue_size <= 0 or max_batch <= 0:
+            raise ValueError("max_bytes, queue_size and max_batch must be greater than 0")
+        self.base = path
+        self.path = writer_path(path, worker_id)
+        self._key_file = hmac_key_file
+        self._key: bytes | None = None
+        self._max_bytes = max_bytes
+        self._queue_size = queue_size
         self._max_batch = max_batch
+        self._fsync = fsync
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending = 0  # queued or being written; bounded by queue_size
+        self._drops = _Drops()  # not yet reported in an overflow record
+        self._draining = False  # an overflow record is being written
+        self._closed = False
+        self._dropped_total = 0
         self._written = 0
         self._thread: threading.Thread | None = None
-        self._idle = threading.Condition()
-        self._pending = 0
+        self._fd = -1
+        self._lock_fd = -1
+        self._seq = 0
+        self._chain = GENESIS
+        self._size = 0  # of the file being written
+        self._rotate_at = max_bytes
+        self._rotation = 0
+
+    # ---- the event-loop side -------------------------------------------------------------------
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        """Queue one record; called on the event loop, so it only counts and enqueues."""
+        with self._cond:
+            if self._closed:
+                log.error("audit record after close is lost (request %s)", entry.get("request_id"))
+                return
+            if self._pending >= self._queue_size:
+                self._drops.add(entry, "queue_full")
+                self._dropped_total += 1
+                return
+            self._pending += 1
+            # Inside the lock, so nothing can be queued behind close()'s stop marker.
+            self._queue.put(entry)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every record queued so far (and any overflow record) is on disk."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._pending == 0 and self._drops.count == 0 and not self._draining, timeout
+            )
+
+    @property
+    def written(self) -> int:
+        """Lines written by this process (records and overflow records)."""
+        return self._written
+
+    @property
+    def pending(self) -> int:
+        """Records handed over but not yet on disk (the metrics' audit queue depth)."""
+        return self._pending
+
+    @property
+    def dropped(self) -> int:
+        """Records that never reached the file (each is counted in an overflow record)."""
+        return self._dropped_total
+
+    # ---- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Read the key, take the writer lock, resume the chain, start the writer thread.
+
+        Blocking file I/O: call it in a thread when an event loop is running.
+        """
+        self._key = load_hmac_key(self._key_file) if self._key_file is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Denials name principals and peers: readable by the operator only.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise AuditError(
+                f"{self.path}: another process is writing this audit log (give each process its own worker id)"
+            ) from None
+        try:
+            self._resume()
+            # Denials name principals and peers: readable by the operator only.
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._size = os.fstat(self._fd).st_size
+            self._sync_dir()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._thread = threading.Thread(target=self._run, name="aigis-audit-writer", daemon=True)
         self._thread.start()
 
-    def record(self, entry: Mapping[str, Any]) -> None:
-        """Queue one record; called on the event loop, so it only enqueues."""
-        with self._idle:
-            self._pending += 1
-        self._queue.put(entry)
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every record queued so far is on disk (tests and shutdown use this)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
-
     def close(self) -> None:
+        """Write everything queued, then stop the writer; later records are refused (and logged)."""
+        with self._cond:
+            self._closed = True
         if self._thread is None:
             return
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
-        self._file.close()
+        os.close(self._fd)
+        os.close(self._lock_fd)
+        # An anchor outside the file: cutting whole records off its end is the one change a
+        # chain alone cannot show.
+        log.info("audit log %s closed at seq %d (chain %s)", self.path, self._seq, self._chain)
+        if self._drops.count:
+            log.error("audit log closed with %d record(s) never written", self._drops.count)
 
-    @property
-    def written(self) -> int:
-        return self._written
+    # ---- resuming after a restart or crash -------------------------------------------------------
+
+    def _resume(self) -> None:
+        rotated = rotated_indexes(self.path)
+        self._rotation = rotated[-1] if rotated else 0
+        if self.path.exists():
+            _repair_torn_tail(self.path)
+        candidates = [self.path, *(rotated_path(self.path, i) for i in reversed(rotated))]
+        for path in candidates:
+            last = _last_line(path) if path.exists() else None
+            if last is None:
+                continue
+            try:
+                record = json.loads(last)
+            except ValueError:
+                record = None
+            if not is_chained(record):
+                raise AuditError(f"{path}: its last line is not a chained audit record; move the file aside")
+            if not record_chain_ok(record, self._key):
+                # Not fatal: the chain continues from what is there and `aigis audit verify` names it.
+                log.error("%s: the last record (seq %s) does not verify with the configured key", path, record["seq"])
+            self._seq, self._chain = record["seq"], record["chain"]
+            log.info("audit log %s continues after seq %d", self.path, self._seq)
+            return
+
+    # ---- the writer thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
         stopping = False
@@ -82,36 +264,168 @@ class AuditLog:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if batch[-1] is _STOP or _STOP in batch:
+            if any(entry is _STOP for entry in batch):
                 stopping = True
                 batch = [entry for entry in batch if entry is not _STOP]
-            self._write(batch)
-
-    def _write(self, batch: list[Mapping[str, Any]]) -> None:
-        if not batch:
-            return
-        try:
-            self._file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in batch))
-            self._file.flush()
-            self._written += len(batch)
-        except Exception:
-            # Losing audit records silently is not acceptable: say so loudly in the server log.
-            log.exception("audit log write failed; %d record(s) lost", len(batch))
-        finally:
-            with self._idle:
-                self._pending -= len(batch)
-                self._idle.notify_all()
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Every whole record in an audit log (a torn last line from a crash is skipped)."""
-    records = []
-    if not path.exists():
-        return records
-    with path.open(encoding="utf-8") as f:
-        for line in f:
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+                written = self._append(batch) if batch else 0
+            except Exception:
+                log.exception("audit writer failed; %d record(s) will be reported lost", len(batch))
+                written = 0
+            with self._cond:
+                for entry in batch[written:]:
+                    self._drops.add(entry, "write_error")
+                self._dropped_total += len(batch) - written
+                self._pending -= len(batch)
+                self._cond.notify_all()
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Append one overflow record for everything dropped so far (put back if that fails too)."""
+        with self._cond:
+            if self._drops.count == 0:
+                return
+            drops, self._drops, self._draining = self._drops, _Drops(), True
+        written = self._append([drops.event()])
+        with self._cond:
+            if not written:
+                self._drops.merge_older(drops)
+            self._draining = False
+            self._cond.notify_all()
+
+    def _append(self, entries: list[Mapping[str, Any]]) -> int:
+        """Seal and append `entries` (rotating when a file is full); how many reached the file.
+
+        On a write error the file is cut back to its last whole record and the chain state is
+        rolled back, so the file stays verifiable and the lost entries can be reported.
+        """
+        lines: list[bytes] = []
+        size, done = self._size, 0
+        seq, chain = self._seq, self._chain
+        for entry in entries:
+            try:
+                line, next_chain = seal(entry, seq + 1, chain, self._key)
+            except (TypeError, ValueError):
+                log.exception("audit record cannot be serialised (request %s)", entry.get("request_id"))
+                unserialisable = {
+                    "event": "audit_unserialisable",
+                    "timestamp": rfc3339_now(),
+                    "request_id": str(entry.get("request_id")),
+                }
+                line, next_chain = seal(unserialisable, seq + 1, chain, self._key)
+            if size > 0 and size + len(line) > self._rotate_at:
+                if not self._commit(lines, seq, chain):
+                    return done
+                done += len(lines)
+                lines = []
+                self._rotate()
+                size = self._size
+            lines.append(line)
+            size += len(line)
+            seq, chain = seq + 1, next_chain
+        if self._commit(lines, seq, chain):
+            done += len(lines)
+        return done
+
+    def _commit(self, lines: list[bytes], seq: int, chain: str) -> bool:
+        if not lines:
+            return True
+        data = b"".join(lines)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            log.error("audit log write failed (%s); %d record(s) will be reported lost", exc.strerror, len(lines))
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                log.exception("cannot cut %s back to its last whole record", self.path)
+            return False
+        self._size += len(data)
+        self._seq, self._chain = seq, chain
+        self._written += len(lines)
+        return True
+
+    def _rotate(self) -> None:
+        """Rename the full file to the next number and start a new one; the chain runs on.
+
+        A failed rotation is not a lost record: writing goes on in the current file and the next
+        attempt waits for another `max_bytes`.
+        """
+        self._rotate_at = self._size + self._max_bytes
+        target = rotated_path(self.path, self._rotation + 1)
+        try:
+            if target.exists():
+                raise OSError(errno.EEXIST, "rotated file already exists", str(target))
+            os.rename(self.path, target)
+            self._rotation += 1
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            log.exception("cannot rotate %s; writing on", self.path)
+            return
+        os.close(self._fd)
+        self._fd, self._size, self._rotate_at = fd, 0, self._max_bytes
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        """Make a new or renamed file's name durable too (only when fsync is on)."""
+        if not self._fsync:
+            return
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Cut off a last line without a newline (a crash mid-write), unless it is a whole record."""
+    with path.open("r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        start = _line_start(f, size)
+        f.seek(start)
+        tail = f.read()
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            f.write(b"\n")
+            log.warning("%s: the last record had no newline; added it", path)
+        else:
+            f.truncate(start)
+            log.warning("%s: cut off an incomplete last record (%d bytes) left by a crash", path, size - start)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _line_start(f: Any, end: int) -> int:
+    """Offset where the line that ends at `end` begins (reading backwards in chunks)."""
+    pos = end
+    while pos > 0:
+        step = min(_TAIL_CHUNK, pos)
+        f.seek(pos - step)
+        newline = f.read(step).rfind(b"\n")
+        if newline >= 0:
+            return pos - step + newline + 1
+        pos -= step
+    return 0
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last newline-terminated line of `path`, or None when it has none."""
+    with path.open("rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        start = _line_start(f, size - 1)  # skip the final newline itself
+        f.seek(start)
+        return f.read(size - start)

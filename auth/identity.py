@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from auth.decision import Reason
@@ -95,6 +95,13 @@ class ClientCertificatePolicy:
             verifier.verify(leaf, list(intermediates))
         except VerificationError as exc:
             raise IdentityError(Reason.CERT_INVALID, f"client verifier: {exc}") from None
+        # The verifier checks the EKU only when present; a client certificate must state its purpose.
+        try:
+            purposes = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        except x509.ExtensionNotFound:
+            raise IdentityError(Reason.CERT_INVALID, "no extendedKeyUsage: clientAuth is required") from None
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:
+            raise IdentityError(Reason.CERT_INVALID, "extendedKeyUsage lacks clientAuth")
         identity = identity_from_certificate(leaf)
         spiffe = [u for u in identity.uri_sans if u.startswith("spiffe://")]
         if len(spiffe) != 1:

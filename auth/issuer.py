@@ -7,8 +7,9 @@ verifies those tokens with the public keys this issuer publishes (jwks.json).
 
 It runs in a daemon thread beside the gRPC server, on the stdlib ThreadingHTTPServer. The TLS
 handshake happens in the per-connection thread, so one slow client cannot stall accept().
-The client registry and CRL are re-read when they change on disk, so `aigis certs issue/revoke`
-take effect without a restart.
+The client registry, CRL, CA bundle, signing key and JWKS are re-read when they change on disk,
+so `aigis certs issue/revoke` and `aigis keys rotate` take effect without a restart; so does a
+replaced server certificate, for connections accepted afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ from auth.clients import (
     verify_secret,
 )
 from auth.pki import PkiPaths
+from auth.tls import TlsError, load_tls_material
+from auth.tokens import KeySetError, parse_jwks
 from tools.certs import PkiError, load_crl_serials, public_jwk
 
 log = logging.getLogger("aigis.issuer")
@@ -66,6 +70,8 @@ MAX_DRAIN_BYTES = 64 * 1024  # an oversized body up to this size is read and dis
 MAX_TOKEN_TTL = timedelta(hours=24)
 # Per-socket-operation timeout: bounds the handshake and a slow sender (slowloris).
 SOCKET_TIMEOUT_S = 10.0
+# How often the accept loop looks at the server certificate, key and CA bundle for a change.
+TLS_CHECK_INTERVAL_S = 1.0
 AUTH_REALM = "aigis"
 
 AuthMethod = Literal["tls_client_auth", "client_secret_basic"]
@@ -230,21 +236,7 @@ class TokenService:
     @classmethod
     def load(cls, paths: PkiPaths, *, issuer: str, audience: str, ttl: timedelta) -> TokenService:
         """Load the signing key; refuse to start if jwks.json does not publish its public half."""
-        try:
-            key = serialization.load_pem_private_key(paths.signing_key.read_bytes(), password=None)
-            jwks = json.loads(paths.jwks.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise IssuerError(f"{exc.filename}: not found (run `aigis certs init`)") from None
-        except (ValueError, OSError) as exc:
-            raise IssuerError(f"token-signing key or JWKS unreadable: {exc}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise IssuerError(f"{paths.signing_key}: not an EC private key")
-        kid = public_jwk(key.public_key())["kid"]
-        published = {k.get("kid") for k in jwks.get("keys", []) if isinstance(k, dict)}
-        if kid not in published:
-            # Tokens signed with a key the server cannot find would all be refused: fail now instead.
-            raise IssuerError(f"{paths.jwks} does not contain the signing key (kid {kid})")
-        return cls(signing_key=key, kid=kid, issuer=issuer, audience=audience, ttl=ttl)
+        return _load_signing(paths, issuer=issuer, audience=audience, ttl=ttl)[0]
 
     def issue(
         self,
@@ -279,9 +271,6 @@ class TokenService:
         return TokenResponse(access_token=token, expires_in=expires_in, scope=scope, jti=jti)
 
 
-# ----------------------------------------------------------------------------- authentication
-
-
 @dataclass(frozen=True)
 class _FileStamp:
     mtime_ns: int
@@ -297,8 +286,91 @@ class _FileStamp:
         return _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _load_signing(
+    paths: PkiPaths, *, issuer: str, audience: str, ttl: timedelta
+) -> tuple[TokenService, dict[str, Any]]:
+    """The active signing key as a TokenService, and the JWK Set to publish, checked to fit together."""
+    try:
+        key = serialization.load_pem_private_key(paths.signing_key.read_bytes(), password=None)
+        jwks = json.loads(paths.jwks.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise IssuerError(f"{exc.filename}: not found (run `aigis certs init`)") from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise IssuerError(f"token-signing key or JWKS unreadable: {type(exc).__name__}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise IssuerError(f"{paths.signing_key}: not an EC private key")
+    try:
+        # The same checks the server applies; above all, never publish private key material.
+        published = parse_jwks(jwks, str(paths.jwks)).keys
+    except KeySetError as exc:
+        raise IssuerError(str(exc)) from None
+    kid = public_jwk(key.public_key())["kid"]
+    if kid not in published:
+        # Tokens signed with a key the server cannot find would all be refused: fail now instead.
+        raise IssuerError(f"{paths.jwks} does not contain the signing key (kid {kid})")
+    return TokenService(signing_key=key, kid=kid, issuer=issuer, audience=audience, ttl=ttl), jwks
+
+
+class SigningKeys:
+    """The active signing key (as a TokenService) and the JWK Set to publish, re-read when
+    `aigis keys rotate` changes either file.
+
+    Each token or JWKS request compares the two files' stamps (two stat calls). A changed pair that
+    does not fit together (unreadable, or the key not published) is refused with an error log and
+    the last good pair stays in service until a file changes again. `aigis keys rotate` writes in an
+    order that never shows such a pair. Thread-safe: handler threads share one instance.
+    """
+
+    def __init__(self, paths: PkiPaths, *, issuer: str, audience: str, ttl: timedelta) -> None:
+        self._paths = paths
+        self._issuer, self._audience, self._ttl = issuer, audience, ttl
+        self._lock = threading.Lock()
+        stamps = self._stamps_now()
+        self._current = _load_signing(paths, issuer=issuer, audience=audience, ttl=ttl)  # IssuerError at start-up
+        self._stamps: tuple[_FileStamp | None, ...] = stamps
+        self._refused: tuple[_FileStamp | None, ...] | None = None
+        self.refused_reloads = 0
+
+    def _stamps_now(self) -> tuple[_FileStamp | None, ...]:
+        return (_FileStamp.of(self._paths.signing_key), _FileStamp.of(self._paths.jwks))
+
+    def current(self) -> tuple[TokenService, dict[str, Any]]:
+        """The TokenService to mint with and the JWK Set to serve, re-read if either file changed."""
+        stamps = self._stamps_now()
+        with self._lock:
+            if stamps != self._stamps and stamps != self._refused:
+                try:
+                    self._current = _load_signing(
+                        self._paths, issuer=self._issuer, audience=self._audience, ttl=self._ttl
+                    )
+                except IssuerError as exc:
+                    self._refused = stamps
+                    self.refused_reloads += 1
+                    log.error("refusing the changed signing key or JWKS, still signing with kid %s: %s",
+                              self._current[0].kid, exc)
+                else:
+                    self._stamps = stamps
+                    log.info("token-signing key %s active; JWKS publishes %d key(s)",
+                             self._current[0].kid, len(self._current[1]["keys"]))
+            return self._current
+
+
+# ----------------------------------------------------------------------------- authentication
+
+
+def _load_ca_store(path: Path) -> verification.Store:
+    """Every CA in the bundle: during a CA rotation it holds the old and the new CA."""
+    try:
+        return verification.Store(x509.load_pem_x509_certificates(path.read_bytes()))
+    except FileNotFoundError:
+        raise PkiError(f"{path}: not found (run `aigis certs init`)") from None
+    except (ValueError, OSError) as exc:
+        raise PkiError(f"{path}: unreadable: {exc}") from None
+
+
 class ClientAuthenticator:
-    """Authenticates token requests against the registry and CRL, re-reading both when they change.
+    """Authenticates token requests against the registry, CRL and CA bundle, re-reading them when
+    they change.
 
     Thread-safe: handler threads share one instance.
     """
@@ -306,23 +378,23 @@ class ClientAuthenticator:
     def __init__(self, paths: PkiPaths) -> None:
         self._paths = paths
         try:
-            ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-        except FileNotFoundError:
-            raise IssuerError(f"{paths.ca_cert}: not found (run `aigis certs init`)") from None
-        except ValueError as exc:
-            raise IssuerError(f"{paths.ca_cert}: unreadable: {exc}") from None
-        self._store = verification.Store([ca])
+            self._store = _load_ca_store(paths.ca_cert)
+        except PkiError as exc:
+            raise IssuerError(str(exc)) from None
         self._lock = threading.Lock()
-        self._stamps: tuple[_FileStamp | None, _FileStamp | None] | None = None
+        self._stamps: tuple[_FileStamp | None, ...] | None = None
         self._state: tuple[ClientRegistry, frozenset[int]] | None = None
 
     def snapshot(self) -> tuple[ClientRegistry, frozenset[int]]:
-        """The current registry and revoked serials; re-read when either file changed."""
-        stamps = (_FileStamp.of(self._paths.clients_registry), _FileStamp.of(self._paths.crl))
+        """The current registry and revoked serials; re-read (with the CA bundle) when a file changed."""
+        paths = self._paths
+        stamps = (_FileStamp.of(paths.clients_registry), _FileStamp.of(paths.crl), _FileStamp.of(paths.ca_cert))
         with self._lock:
             if self._state is None or stamps != self._stamps:
                 try:
-                    state = (load_registry(self._paths.clients_registry), load_crl_serials(self._paths))
+                    ca_changed = self._stamps is None or stamps[2] != self._stamps[2]
+                    store = _load_ca_store(paths.ca_cert) if ca_changed else None
+                    state = (load_registry(paths.clients_registry), load_crl_serials(paths))
                 except (RegistryError, PkiError) as exc:
                     # Fail closed: without a readable registry and CRL we cannot tell who is revoked.
                     # Nothing is cached, so the next request tries again.
@@ -331,8 +403,10 @@ class ClientAuthenticator:
                         ErrorCode.SERVER_ERROR,
                         "the authorization server is misconfigured",
                         HTTPStatus.INTERNAL_SERVER_ERROR,
-                        log_reason=f"cannot load client registry or CRL: {exc}",
+                        log_reason=f"cannot load client registry, CRL or CA bundle: {exc}",
                     ) from None
+                if store is not None:
+                    self._store = store
                 self._state, self._stamps = state, stamps
                 log.info("loaded %d clients and %d revoked serials", len(state[0].clients), len(state[1]))
             return self._state
@@ -457,15 +531,23 @@ class _Issuer:
 
     def __init__(
         self,
-        tokens: TokenService,
+        keys: SigningKeys,
         authenticator: ClientAuthenticator,
-        jwks: dict[str, Any],
         clock: Callable[[], datetime],
     ) -> None:
-        self.tokens = tokens
+        self.keys = keys
         self.authenticator = authenticator
-        self.jwks = jwks
         self.clock = clock
+
+    @property
+    def tokens(self) -> TokenService:
+        """The TokenService of the active signing key."""
+        return self.keys.current()[0]
+
+    @property
+    def jwks(self) -> dict[str, Any]:
+        """Every published key: the active one and retired ones whose tokens may still be live."""
+        return self.keys.current()[1]
 
     def metadata(self) -> dict[str, Any]:
         """RFC 8414 §2 authorization server metadata."""
@@ -645,9 +727,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
     issuer: _Issuer  # set by IssuerServer.start once the port (and so the issuer URL) is known
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+    def __init__(self, address: tuple[str, int], tls: ServerTls) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self._context = context
+        self.tls = tls
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -656,11 +738,16 @@ class _HTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
 
-    def server_activate(self) -> None:
-        super().server_activate()
-        # Accepted sockets inherit do_handshake_on_connect=False: the handshake waits for the
-        # connection's own thread instead of blocking the accept loop.
-        self.socket = self._context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # Each connection is wrapped with the context current when it is accepted, so a replaced
+        # certificate or CA bundle applies to new connections. do_handshake_on_connect=False: the
+        # handshake waits for the connection's own thread instead of blocking the accept loop.
+        sock, address = self.socket.accept()
+        try:
+            return self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+        except BaseException:
+            sock.close()
+            raise
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Failed handshakes and dropped connections are routine; the default prints a traceback.
@@ -690,6 +777,47 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class ServerTls:
+    """The issuer's TLS context, rebuilt when the server certificate, key or CA bundle change.
+
+    Used by the accept loop only (one thread), which looks at the files at most once per
+    TLS_CHECK_INTERVAL_S. Changed files are checked like the gRPC server checks them (auth/tls.py);
+    files that do not validate are refused with an error log, and the last good context stays.
+    """
+
+    def __init__(self, paths: PkiPaths, *, clock: Callable[[], datetime] = _utc_now) -> None:
+        self._paths, self._clock = paths, clock
+        self._stamps = self._stamps_now()
+        self._context = server_ssl_context(paths)  # IssuerError at start-up
+        self._checked_at = time.monotonic()
+        self._refused: tuple[_FileStamp | None, ...] | None = None
+        self.refused_reloads = 0
+
+    def _stamps_now(self) -> tuple[_FileStamp | None, ...]:
+        return tuple(_FileStamp.of(p) for p in (self._paths.server_cert, self._paths.server_key, self._paths.ca_cert))
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a connection accepted now."""
+        checked = time.monotonic()
+        if checked - self._checked_at < TLS_CHECK_INTERVAL_S:
+            return self._context
+        self._checked_at = checked
+        stamps = self._stamps_now()
+        if stamps in (self._stamps, self._refused):
+            return self._context
+        try:
+            load_tls_material(self._paths, now=self._clock())
+            context = server_ssl_context(self._paths)
+        except (TlsError, IssuerError) as exc:
+            self._refused = stamps
+            self.refused_reloads += 1
+            log.error("refusing the changed server certificate, key or CA bundle, keeping the last good: %s", exc)
+            return self._context
+        self._context, self._stamps = context, stamps
+        log.info("issuer TLS reloaded from %s", self._paths.root)
+        return context
+
+
 def _url_host(host: str) -> str:
     if host in ("", "0.0.0.0", "::"):  # noqa: S104 - recognising a wildcard, not binding one
         return "localhost"
@@ -714,24 +842,18 @@ class IssuerServer:
         if self._httpd is not None:
             raise IssuerError("issuer already started")
         paths = self.config.paths
-        context = server_ssl_context(paths)
+        tls = ServerTls(paths)
         authenticator = ClientAuthenticator(paths)
         try:
             authenticator.snapshot()  # fail at start-up, not on the first request
         except OAuthError as exc:
             raise IssuerError(exc.log_reason) from None
-        try:
-            jwks = json.loads(paths.jwks.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IssuerError(f"{paths.jwks}: unreadable: {exc}") from None
-        httpd = _HTTPServer((self.config.host, self.config.port), context)
+        httpd = _HTTPServer((self.config.host, self.config.port), tls)
         try:
             host_url = f"https://{_url_host(self.config.host)}:{httpd.server_port}"
             issuer_url = self.config.issuer_url or host_url
-            tokens = TokenService.load(
-                paths, issuer=issuer_url, audience=self.config.audience, ttl=self.config.token_ttl
-            )
-            httpd.issuer = _Issuer(tokens, authenticator, jwks, self._clock)
+            keys = SigningKeys(paths, issuer=issuer_url, audience=self.config.audience, ttl=self.config.token_ttl)
+            httpd.issuer = _Issuer(keys, authenticator, self._clock)
         except BaseException:
             httpd.server_close()
             raise
@@ -768,6 +890,16 @@ class IssuerServer:
     def issuer_url(self) -> str:
         """The `iss` claim of the tokens it mints (config.issuer_url, else `url`)."""
         return self._require().issuer.tokens.issuer
+
+    @property
+    def signing_keys(self) -> SigningKeys:
+        """The active signing key and the published JWKS, with the count of refused reloads."""
+        return self._require().issuer.keys
+
+    @property
+    def tls(self) -> ServerTls:
+        """The issuer's TLS context, with the count of refused reloads."""
+        return self._require().tls
 
     @property
     def token_url(self) -> str:

@@ -39,13 +39,20 @@ class PkiPaths:
 
     @property
     def signing_key(self) -> Path:
-        """The token issuer's ES256 private key."""
+        """The token issuer's active ES256 private key (`aigis keys rotate` replaces it)."""
         return self.root / "token-signing-key.pem"
 
     @property
     def jwks(self) -> Path:
-        """The issuer's public keys (RFC 7517 JWK Set), which the server verifies tokens with."""
+        """The issuer's published public keys (RFC 7517 JWK Set): the active key and retired keys
+        whose tokens may still be live. The server verifies tokens with it."""
         return self.root / "jwks.json"
+
+    @property
+    def signing_keys_metadata(self) -> Path:
+        """Non-secret facts about each published signing key: when it was created and retired, and
+        when it may leave jwks.json (`aigis keys list`)."""
+        return self.root / "signing-keys.json"
 
     @property
     def clients_registry(self) -> Path:

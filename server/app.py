@@ -16,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from auth.audit import AuditLog
+from auth.audit import AuditError, AuditLog
 from auth.clients import load_registry
 from auth.guard import Guard
 from auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
@@ -32,6 +31,7 @@ from auth.issuer import IssuerConfig, IssuerServer
 from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from auth.policy import Policy
 from auth.ratelimit import RateLimit, RateLimiter
+from auth.tls import TlsCredentialStore, TlsError
 from auth.tokens import TokenVerifier, TrustedIssuer
 from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
@@ -61,13 +61,16 @@ def _read(path: Path, what: str) -> bytes:
         raise StartupError(f"{what} {path}: {exc.strerror} (run `aigis certs init` first?)") from None
 
 
-def server_credentials(pki: PkiPaths) -> grpc.ServerCredentials:
-    """mTLS only: the handshake itself refuses clients without a certificate from our CA."""
-    return grpc.ssl_server_credentials(
-        [(_read(pki.server_key, "server key"), _read(pki.server_cert, "server certificate"))],
-        root_certificates=_read(pki.ca_cert, "CA certificate"),
-        require_client_auth=True,
-    )
+def server_credentials(pki: PkiPaths) -> TlsCredentialStore:
+    """mTLS only: the handshake itself refuses clients without a certificate from our CA bundle.
+
+    Rotatable without a restart: FileWatchers stage changed files for new connections (auth/tls.py).
+    Blocking file reads.
+    """
+    try:
+        return TlsCredentialStore(pki)
+    except TlsError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIssuer]:
@@ -168,6 +171,7 @@ class AigisServer:
     metrics: Metrics
     metrics_port: int | None = None
     _reload_task: asyncio.Task[None] | None = None
+    tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
 
     @property
     def target(self) -> str:
@@ -203,7 +207,7 @@ class AigisServer:
 async def start_server(config: Config) -> AigisServer:
     """Build everything from `config` and start serving. Raises StartupError on bad input."""
     pki = PkiPaths(config.certs)
-    credentials = server_credentials(pki)
+    tls = await asyncio.to_thread(server_credentials, pki)
     try:
         policy = await asyncio.to_thread(Policy.load, config.policy)
         revocations = await asyncio.to_thread(RevocationList.load, pki.crl, pki.ca_cert)
@@ -228,8 +232,9 @@ async def start_server(config: Config) -> AigisServer:
         )
         await asyncio.to_thread(issuer.start)
     try:
+        issuers = trusted_issuers(config, issuer.issuer_url if issuer is not None else None)
         verifier = TokenVerifier(
-            trusted_issuers(config, issuer.issuer_url if issuer is not None else None),
+            issuers,
             algorithms=config.algorithms,
             leeway=config.leeway,
         )
@@ -249,10 +254,19 @@ async def start_server(config: Config) -> AigisServer:
         else None,
         require_binding=config.require_bound_tokens,
     )
-    audit = AuditLog(config.audit_log)
-    audit.start()
+    audit = AuditLog(
+        config.audit_log, hmac_key_file=config.audit_hmac_key_file, worker_id=config.worker_id,
+        max_bytes=config.audit_max_bytes, queue_size=config.audit_queue_size, fsync=config.audit_fsync,
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(audit.start)
+    except (AuditError, OSError) as exc:
+        if issuer is not None:
+            issuer.stop()
+        raise StartupError(f"audit log: {exc}") from None
     metrics = Metrics()
     metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
+    metrics.track_audit_queue(lambda: audit.pending)
     metrics_port = None
     if config.metrics_listen is not None:
         try:
@@ -277,7 +291,7 @@ async def start_server(config: Config) -> AigisServer:
         server,
     )
     try:
-        port = server.add_secure_port(str(config.listen), credentials)
+        port = server.add_secure_port(str(config.listen), tls.credentials())
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {config.listen}: {exc}") from None
     await server.start()
@@ -293,11 +307,40 @@ async def start_server(config: Config) -> AigisServer:
     def apply_crl(value: object) -> None:
         guard.revocations = value  # type: ignore[assignment]
 
+    def load_tls() -> object:
+        material = tls.read()
+        metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
+        return material
+
+    def apply_tls(value: object) -> None:
+        tls.stage(value)  # type: ignore[arg-type]
+
+    def load_ca() -> object:
+        return load_tls(), client_certificate_policy(config, pki)
+
+    def apply_ca(value: object) -> None:
+        material, cert_policy = value  # type: ignore[misc]
+        tls.stage(material)
+        guard.identities = IdentityCache(cert_policy)  # new anchors; no verdict kept from the old ones
+
+    def apply_keys(_: object) -> None:
+        # reload() swapped the keys in a thread; clearing again here, on the loop, also drops a token
+        # that a verification racing with the swap cached under a key that is gone now.
+        verifier.clear_cache()
+
+    jwks_files = sorted({i.jwks_file for i in issuers if i.jwks_file is not None})
     watchers = [
         FileWatcher(config.policy, lambda: Policy.load(config.policy), apply_policy, refused),
         FileWatcher(pki.crl, lambda: RevocationList.load(pki.crl, pki.ca_cert), apply_crl, refused),
+        # The CA bundle first: a rotation that changes it and the server certificate together then
+        # updates the identity check in the same step as the handshake's trust anchors.
+        FileWatcher(pki.ca_cert, load_ca, apply_ca, refused),
+        FileWatcher(pki.server_cert, load_tls, apply_tls, refused),
+        FileWatcher(pki.server_key, load_tls, apply_tls, refused),
+        *(FileWatcher(path, verifier.reload, apply_keys, refused) for path in jwks_files),
     ]
     running = AigisServer(config, server, port, issuer, audit, executor, health, watchers, metrics, metrics_port)
+    running.tls = tls
     running._reload_task = asyncio.create_task(running._reload_loop())
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")
     if issuer is not None:

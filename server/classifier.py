@@ -1,7 +1,10 @@
 """The image classification servicer: convert protobuf, delegate to images/model, convert back.
 
 Decoding and inference are CPU work, so they run on the executor the server owns, never on the
-event loop. Bad input raises `server.errors` exceptions; the interceptor turns them into statuses.
+event loop. A model with `[batching] enabled` in its model.toml gets a DynamicBatcher: each request
+is decoded on the executor as before, then its tensor joins a batch (server/batching.py); answers
+are the same bits as unbatched. Bad input raises `server.errors` exceptions; the interceptor turns
+them into statuses.
 """
 
 from __future__ import annotations
@@ -10,10 +13,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
+import numpy as np
 from grpc import aio
 
 from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from server import images
+from server.batching import DynamicBatcher
 from server.errors import InvalidArgument
 from server.images import DEFAULT_LIMITS, ImageLimits
 from server.model import ModelRegistry, OnnxClassifier
@@ -30,27 +35,43 @@ def resolve_top_k(top_k: int, n_labels: int) -> int:
 
 class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationServiceServicer):
     def __init__(self, registry: ModelRegistry, executor: Executor,
-                 limits: ImageLimits = DEFAULT_LIMITS) -> None:
+                 limits: ImageLimits = DEFAULT_LIMITS, *, max_batches_in_flight: int | None = None) -> None:
+        """`max_batches_in_flight` (default: the executor's thread count) caps each batcher."""
         self._registry = registry
         self._executor = executor
         self._limits = limits
+        self.batchers: dict[str, DynamicBatcher] = {
+            m.name: DynamicBatcher.for_model(m, executor, max_in_flight=max_batches_in_flight)
+            for m in registry.models if m.config.batching.enabled
+        }
+
+    def close(self) -> None:
+        """Fail requests still queued for a batch (UNAVAILABLE); call on the loop, after the server's
+        graceful stop has let running calls finish."""
+        for batcher in self.batchers.values():
+            batcher.close()
 
     def _classify(self, request: classifier_pb2.Image) -> classifier_pb2.ClassificationResult:
         """Runs on a worker thread: everything between the request and the reply."""
         model = self._registry.get(request.model)
         k = resolve_top_k(request.top_k, len(model.labels))
         batch = images.prepare(request.data, request.width, request.height, model.config, self._limits)
-        top = model.top(model.predict(batch)[0], k)
-        return classifier_pb2.ClassificationResult(
-            category=top[0][0],
-            probability=top[0][1],
-            model=model.name,
-            top=[classifier_pb2.LabelProbability(label=label, probability=p) for label, p in top],
-        )
+        return _result(model, model.top(model.predict(batch)[0], k))
+
+    def _prepare(self, request: classifier_pb2.Image, model: OnnxClassifier) -> np.ndarray:
+        """Runs on a worker thread: decode and normalise, one image without the batch dimension."""
+        return images.prepare(request.data, request.width, request.height, model.config, self._limits)[0]
 
     async def _run(self, request: classifier_pb2.Image) -> classifier_pb2.ClassificationResult:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._classify, request)
+        model = self._registry.get(request.model)
+        batcher = self.batchers.get(model.name)
+        if batcher is None:
+            return await loop.run_in_executor(self._executor, self._classify, request)
+        k = resolve_top_k(request.top_k, len(model.labels))
+        row = await loop.run_in_executor(self._executor, self._prepare, request, model)
+        probabilities = await batcher.submit(row)
+        return _result(model, model.top(probabilities, k))
 
     async def ClassifyImage(
         self, request: classifier_pb2.Image, context: aio.ServicerContext
@@ -70,6 +91,15 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
         return classifier_pb2.ListModelsReply(
             models=[_model_info(m, m.name == self._registry.default_name) for m in self._registry.models]
         )
+
+
+def _result(model: OnnxClassifier, top: list[tuple[str, float]]) -> classifier_pb2.ClassificationResult:
+    return classifier_pb2.ClassificationResult(
+        category=top[0][0],
+        probability=top[0][1],
+        model=model.name,
+        top=[classifier_pb2.LabelProbability(label=label, probability=p) for label, p in top],
+    )
 
 
 def _model_info(model: OnnxClassifier, is_default: bool) -> classifier_pb2.ModelInfo:

@@ -87,6 +87,13 @@ class Config:
     models: Path = BUNDLED_MODELS
     policy: Path = BUNDLED_POLICY
     audit_log: Path = Path("aigis-audit.jsonl")
+    # [audit]: the chain's HMAC key file, kept apart from the log (None: unkeyed SHA-256 chain);
+    # the size at which a file is rotated; records the writer may fall behind by before it
+    # counts them in an overflow record; fsync after each batch. Defaults match auth.audit.
+    audit_hmac_key_file: Path | None = None
+    audit_max_bytes: int = 64 * 1024 * 1024
+    audit_queue_size: int = 32_768
+    audit_fsync: bool = True
     max_message_bytes: int = 8 * 1024 * 1024  # room for a multi-megapixel encoded image
     grace_seconds: float = 5.0
     inference_threads: int = 2
@@ -214,6 +221,10 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         models=server.path("models", default.models) or default.models,
         policy=auth.path("policy", default.policy) or default.policy,
         audit_log=audit.path("path", default.audit_log) or default.audit_log,
+        audit_hmac_key_file=audit.path("hmac_key_file", None),
+        audit_max_bytes=audit.positive("max_bytes", default.audit_max_bytes, int),
+        audit_queue_size=audit.positive("queue_size", default.audit_queue_size, int),
+        audit_fsync=audit.get("fsync", bool, default.audit_fsync),
         max_message_bytes=server.positive("max_message_bytes", default.max_message_bytes, int),
         grace_seconds=server.positive("grace_seconds", default.grace_seconds),
         inference_threads=server.positive("inference_threads", default.inference_threads, int),

@@ -25,6 +25,9 @@ from server.errors import NotFound
 CONFIG_FILE = "model.toml"
 MAX_IMAGE_SIDE = 4096
 MAX_LABELS = 100_000
+MAX_BATCH_SIZE = 4096
+MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: anything longer is a typo, not a latency budget
+MAX_QUEUE_SIZE = 1_000_000
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _E = TypeVar("_E", bound=enum.StrEnum)
 
@@ -60,6 +63,44 @@ class OutputKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """``[batching]`` in model.toml: Triton-style dynamic batching of this model's requests.
+
+    Requests wait in a queue; a batch runs when `max_batch_size` requests are queued, or when the
+    oldest has waited `max_queue_delay_us` (0: at once, so batches form only while earlier ones
+    are still running). At most `max_queue_size` requests wait; more are refused (RESOURCE_EXHAUSTED).
+    """
+
+    enabled: bool = False
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ModelConfigError(f"batching.enabled: must be true or false, got {self.enabled!r}")
+        for key, value, low, high in (
+            ("max_batch_size", self.max_batch_size, 1, MAX_BATCH_SIZE),
+            ("max_queue_delay_us", self.max_queue_delay_us, 0, MAX_QUEUE_DELAY_US),
+            ("max_queue_size", self.max_queue_size, 1, MAX_QUEUE_SIZE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ModelConfigError(f"batching.{key}: must be an integer from {low} to {high}, got {value!r}")
+        if self.max_queue_size < self.max_batch_size:
+            # A queue shorter than a batch could never fill one; say so rather than silently wait.
+            raise ModelConfigError(f"batching.max_queue_size: must be at least batching.max_batch_size "
+                                   f"({self.max_batch_size}), got {self.max_queue_size}")
+
+    @property
+    def max_queue_delay(self) -> float:
+        """`max_queue_delay_us` in seconds."""
+        return self.max_queue_delay_us / 1e6
+
+
+_NO_BATCHING = BatchingConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """One model's ``model.toml``: input = ((pixel * scale) - mean[c]) / std[c], laid out per `layout`."""
 
@@ -78,6 +119,7 @@ class ModelConfig:
     model_file: str = "model.onnx"
     labels_file: str = "labels.txt"
     default: bool = False
+    batching: BatchingConfig = _NO_BATCHING
 
     def __post_init__(self) -> None:
         # Plain strings from code become the enums (comparisons below are by identity).
@@ -147,6 +189,7 @@ class ModelConfig:
         top = _Table(doc, "")
         inp = _Table(top.table("input"), "input.")
         out = _Table(top.table("output"), "output.")
+        bat = _Table(top.table("batching", {}), "batching.")
         color_mode = inp.choice("color_mode", ColorMode)
         config = cls(
             name=top.string("name"),
@@ -164,10 +207,19 @@ class ModelConfig:
             std=inp.numbers("std", (1.0,) * color_mode.channels),
             output_name=out.string("name", ""),
             output_kind=out.choice("kind", OutputKind),
+            batching=BatchingConfig(
+                enabled=bat.boolean("enabled", _NO_BATCHING.enabled),
+                max_batch_size=bat.integer("max_batch_size", _NO_BATCHING.max_batch_size),
+                max_queue_delay_us=bat.integer("max_queue_delay_us", _NO_BATCHING.max_queue_delay_us),
+                max_queue_size=bat.integer("max_queue_size", _NO_BATCHING.max_queue_size),
+            ),
         )
-        for table in (top, inp, out):
+        for table in (top, inp, out, bat):
             table.refuse_unknown()
         return config
+
+
+_REQUIRED: Any = object()
 
 
 class _Table:
@@ -189,8 +241,8 @@ class _Table:
     def _bad(self, key: str, want: str, value: Any) -> ModelConfigError:
         return ModelConfigError(f"{self._prefix}{key}: must be {want}, got {value!r}")
 
-    def table(self, key: str) -> dict[str, Any]:
-        value = self._get(key, _REQUIRED)
+    def table(self, key: str, default: Any = _REQUIRED) -> dict[str, Any]:
+        value = self._get(key, default)
         if not isinstance(value, dict):
             raise self._bad(key, "a table", value)
         return value
@@ -207,8 +259,8 @@ class _Table:
             raise self._bad(key, "true or false", value)
         return value
 
-    def integer(self, key: str) -> int:
-        value = self._get(key, _REQUIRED)
+    def integer(self, key: str, default: Any = _REQUIRED) -> int:
+        value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._bad(key, "an integer", value)
         return value
@@ -242,8 +294,6 @@ class _Table:
         if unknown:
             raise ModelConfigError(f"{self._prefix}{unknown[0]}: unknown key")
 
-
-_REQUIRED: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +393,18 @@ class OnnxClassifier:
         if probe.shape != (1, len(labels)):
             raise ModelConfigError(f"{model_path}: output shape {probe.shape} does not match "
                                    f"{len(labels)} labels")
+        if config.batching.enabled and config.batching.max_batch_size > 1:
+            # A symbolic batch dimension can still hide a graph that only works for one image
+            # (a Reshape to a constant, say): run two before promising the batcher it can.
+            try:
+                pair = classifier.predict(np.zeros(config.input_shape(2), dtype=np.float32))
+            except Exception as exc:
+                raise ModelConfigError(f"{model_path}: batching.enabled: the model fails on a batch of 2 "
+                                       f"images ({exc}); set enabled = false or export it with a "
+                                       f"dynamic batch dimension") from exc
+            if pair.shape != (2, len(labels)):
+                raise ModelConfigError(f"{model_path}: batching.enabled: a batch of 2 images gives output "
+                                       f"shape {pair.shape}, not (2, {len(labels)})")
         return classifier
 
     @property
@@ -386,6 +448,12 @@ def _check_signature(session: ort.InferenceSession, config: ModelConfig, n_label
         raise ModelConfigError(f"{model_path}: input shape {got} does not match model.toml "
                                f"(layout {config.layout.value!r}, {config.width}x{config.height} "
                                f"{config.color_mode.value}: {list(want)})")
+    batching = config.batching
+    if batching.enabled and batching.max_batch_size > 1 and isinstance(got[0], int):
+        raise ModelConfigError(f"{model_path}: batching.enabled: input {inp.name!r} has a fixed batch "
+                               f"dimension {got[0]}, but batching.max_batch_size is {batching.max_batch_size}; "
+                               f"export the model with a dynamic (symbolic) first dimension, or set "
+                               f"enabled = false")
 
     outputs = {o.name: o for o in session.get_outputs()}
     if config.output_name:

@@ -94,3 +94,38 @@ RPC_KINDS: dict[str, Callable[[grpc.Channel, Sequence[tuple[str, str]]], Any]] =
     "bidi": _bidi,
 }
 EXPECTED = {"unary": 5, "server_streaming": [0, 1, 1, 2, 3, 5], "client_streaming": 6, "bidi": [1, 3, 6]}
+
+
+# ---- helpers for the attack suite (tests/test_attacks_*.py) ----------------------------------
+
+# Spelled out rather than imported from auth.decision: a change to what clients read must show up here.
+DENIAL_MESSAGES = {
+    grpc.StatusCode.UNAUTHENTICATED: "request could not be authenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "request is not permitted",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rate limit exceeded; retry later",
+}
+
+
+def pem_channel(stack: Any, chain_pem: bytes | None, key_pem: bytes | None) -> grpc.Channel:
+    """An mTLS channel presenting an arbitrary certificate chain (None: no client certificate)."""
+    credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes(), key_pem, chain_pem)
+    return grpc.secure_channel(stack.target, credentials)
+
+
+def assert_denied(stack: Any, before: int, outcome: Outcome, code: grpc.StatusCode, reason: str) -> dict[str, Any]:
+    """The call was denied with `code` and the generic message, and exactly one audit record was
+    written after the first `before`: the denial with `reason`, under the trailer's request id."""
+    # Plain asserts in a helper module are not rewritten by pytest: say what differed.
+    assert (outcome.code, outcome.details) == (code, DENIAL_MESSAGES[code]), outcome
+    assert outcome.request_id, outcome
+    records = stack.audit_records()[before:]
+    got = [(r["request_id"], r["reason"], r["authorized"]) for r in records]
+    assert got == [(outcome.request_id, reason, False)], f"audit records {got}, expected one {reason!r}"
+    return records[0]
+
+
+def assert_serving(stack: Any, kind: str = "unary", client: str = "demo") -> None:
+    """The server still answers a valid call of `kind` from `client` with the right value."""
+    with channel(stack, client) as ch:
+        outcome = run(lambda: RPC_KINDS[kind](ch, bearer(issuer_token(stack, client))))
+    assert outcome.value == EXPECTED[kind], outcome

@@ -110,7 +110,7 @@ def test_audit_record_has_the_a59_fields_and_no_token(stack: Any) -> None:
     record = next(r for r in stack.audit_records() if r["request_id"] == outcome.request_id)
     assert set(record) == {
         "timestamp", "request_id", "rpc_method", "authorized", "reason", "principal", "peer",
-        "client_id", "sub", "policy_name", "matched_rule",
+        "client_id", "sub", "policy_name", "matched_rule", "seq", "prev", "chain",
     }  # fmt: skip
     assert record["principal"] == "spiffe://aigis.local/client/reader"
     assert record["client_id"] == record["sub"] == "reader"

@@ -48,7 +48,7 @@ def test_rate_limit_per_principal_is_audited(start_stack: Any) -> None:
 
 
 def test_metadata_over_the_limit_is_refused(start_stack: Any) -> None:
-    """Request headers above max_metadata_bytes are refused by gRPC before any of our code runs."""
+    """Request headers above max_metadata_bytes are refused by gRPC (unary calls: before any of our code runs)."""
     stack = limited(start_stack, max_metadata_bytes=2048)
     token = bearer(issuer_token(stack, "demo"))
     with channel(stack, "demo") as ch:

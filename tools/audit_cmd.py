@@ -1,16 +1,32 @@
-"""`aigis audit show`: read the audit log of denied requests, filtered, as a table or JSON lines."""
+"""`aigis audit show | verify | keygen`: read, summarise and check the hash-chained audit log.
+
+`show` and `verify` take the configured path and read every file behind it: rotated files
+(`audit.jsonl.1`, ...) and worker files (`audit.wN.jsonl`, ...), see auth.audit_chain.
+"""
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from auth.audit import read_records
+from auth.audit import OVERFLOW_EVENT
+from auth.audit_chain import (
+    AuditError,
+    VerifyReport,
+    load_hmac_key,
+    log_layout,
+    read_writer_records,
+    verify_log,
+    write_new_key,
+)
 
 DEFAULT_AUDIT_LOG = Path("aigis-audit.jsonl")
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -65,6 +81,72 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def is_event(record: dict[str, Any]) -> bool:
+    """Records the writer adds itself (e.g. audit_overflow), not an RPC's outcome."""
+    return "event" in record
+
+
+@dataclass(frozen=True)
+class Summary:
+    denials: int
+    by_reason: list[tuple[str, int]]  # most frequent first
+    by_principal: list[tuple[str, int]]
+    lost: int  # counted in overflow records: denied (or audited) calls whose record was dropped
+    lost_by_reason: list[tuple[str, int]]
+
+
+def _ranked(counts: Counter[str]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> Summary:
+    """Denials counted by reason and by principal, plus what overflow records say was lost."""
+    reasons: Counter[str] = Counter()
+    principals: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
+    for record in records:
+        if record.get("event") == OVERFLOW_EVENT:
+            by_reason = record.get("by_reason")
+            if isinstance(by_reason, dict):
+                lost.update({str(k): int(v) for k, v in by_reason.items() if isinstance(v, int)})
+        elif not is_event(record) and record.get("authorized") is not True:
+            reasons[str(record.get("reason") or "-")] += 1
+            principals[str(record.get("principal") or "-")] += 1
+    return Summary(sum(reasons.values()), _ranked(reasons), _ranked(principals), sum(lost.values()), _ranked(lost))
+
+
+def _count_table(title: str, rows: list[tuple[str, int]]) -> list[str]:
+    width = max([len(title), *(len(name) for name, _ in rows)])
+    return [f"{title.ljust(width)}  COUNT", *(f"{name.ljust(width)}  {count}" for name, count in rows)]
+
+
+def format_summary(summary: Summary) -> str:
+    lines = [*_count_table("REASON", summary.by_reason), "", *_count_table("PRINCIPAL", summary.by_principal), ""]
+    lines.append(f"{summary.denials} denial(s)")
+    if summary.lost:
+        detail = ", ".join(f"{reason} {count}" for reason, count in summary.lost_by_reason)
+        lines.append(f"{summary.lost} record(s) lost to audit overflow (by reason: {detail})")
+    return "\n".join(lines)
+
+
+def format_verify(report: VerifyReport) -> str:
+    """One line per problem and warning, then the verdict."""
+    lines = [f"FAIL {problem}" for problem in report.problems]
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    files = sum(len(chain.files) for chain in report.chains)
+    records = sum(chain.records for chain in report.chains)
+    kind = "HMAC-SHA256" if report.keyed else "SHA-256 (unkeyed)"
+    if report.ok:
+        lines.append(f"OK: {len(report.chains)} chain(s), {files} file(s), {records} record(s), {kind} chain intact")
+        if not report.keyed:
+            lines.append(
+                "note: an unkeyed chain catches edits, not someone who rebuilds it; configure [audit] hmac_key_file"
+            )
+    else:
+        lines.append(f"FAILED: {len(report.problems)} chain(s) do not verify ({kind})")
+    return "\n".join(lines)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     audit = subparsers.add_parser("audit", help="read the audit log of denied requests")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -74,13 +156,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     show.add_argument("--principal", help="only this principal (e.g. spiffe://aigis.local/client/demo)")
     show.add_argument("--method", help="only RPC methods containing this text")
     show.add_argument("--since", help="only records at or after this time: RFC 3339, or 15m / 2h / 1d ago")
-    show.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    show.add_argument("--json", action="store_true", help="print JSON lines (writer events included)")
+    show.add_argument("--summary", action="store_true", help="count denials by reason and by principal")
     show.set_defaults(func=show_main)
+
+    verify = audit_sub.add_parser(
+        "verify", help="check the hash chain of every audit file; exit 1 naming the first bad record"
+    )
+    verify.add_argument("--audit-log", type=Path, default=DEFAULT_AUDIT_LOG, help="audit log path")
+    verify.add_argument("--hmac-key-file", type=Path, help="the key the server chains with ([audit] hmac_key_file)")
+    verify.set_defaults(func=verify_main)
+
+    keygen = audit_sub.add_parser("keygen", help="create a new HMAC key file for the audit chain (mode 0600)")
+    keygen.add_argument("file", type=Path, help="where to write it: keep it apart from the audit log")
+    keygen.set_defaults(func=keygen_main)
 
 
 def show_main(args: argparse.Namespace) -> int:
     path: Path = args.audit_log
-    if not path.exists():
+    if not log_layout(path):
         print(f"no audit log at {path}")
         return 1
     try:
@@ -88,13 +182,42 @@ def show_main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aigis audit show: {exc}")
         return 2
-    records = select(
-        read_records(path), reason=args.reason, principal=args.principal, method=args.method, since=since
-    )
-    if args.json:
+    # Each writer's file order is the truth; several writers (workers) are merged by time.
+    writers = [read_writer_records(writer) for writer in log_layout(path)]
+    everything = heapq.merge(*writers, key=lambda r: str(r.get("timestamp", "")))
+    records = select(everything, reason=args.reason, principal=args.principal, method=args.method, since=since)
+    if args.summary:
+        print(format_summary(summarize(records)))
+    elif args.json:
         for record in records:
             print(json.dumps(record, separators=(",", ":")))
     else:
+        records = [r for r in records if not is_event(r)]
         print(format_table(records))
         print(f"{len(records)} record(s)")
+    return 0
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    path: Path = args.audit_log
+    try:
+        key = load_hmac_key(args.hmac_key_file) if args.hmac_key_file else None
+    except AuditError as exc:
+        print(f"aigis audit verify: {exc}")
+        return 1
+    if not log_layout(path):
+        print(f"no audit log at {path}")
+        return 1
+    report = verify_log(path, key)
+    print(format_verify(report))
+    return 0 if report.ok else 1
+
+
+def keygen_main(args: argparse.Namespace) -> int:
+    try:
+        write_new_key(args.file)
+    except FileExistsError:
+        print(f"aigis audit keygen: {args.file} exists; not overwriting it")
+        return 1
+    print(f'wrote a new audit HMAC key to {args.file} (mode 0600); set [audit] hmac_key_file = "{args.file}"')
     return 0

@@ -102,6 +102,17 @@ class PkiInit:
 
 
 @dataclass(frozen=True)
+class IssuedServer:
+    """A server certificate and key just written over the previous pair."""
+
+    serial: int
+    not_after: datetime
+    sans: tuple[str, ...]  # "DNS:localhost", "IP:127.0.0.1", "URI:spiffe://..."
+    cert_path: Path
+    key_path: Path
+
+
+@dataclass(frozen=True)
 class Revocation:
     name: str
     serial: int | None
@@ -510,6 +521,45 @@ def init_pki(
         kid=jwk["kid"],
         demo=demo,
         written=tuple(targets),
+    )
+
+
+def issue_server_certificate(
+    paths: PkiPaths,
+    *,
+    now: datetime,
+    server_names: Iterable[str] = (),
+    validity_days: int = LEAF_VALIDITY_DAYS,
+) -> IssuedServer:
+    """Replace the server key and certificate with a new pair from the CA (certificate rotation).
+
+    The running gRPC server and issuer serve the new pair to new connections without a restart. The
+    key is written first, then the certificate: a reload that falls between the two writes refuses the
+    mismatched pair once and takes the new one on its next look.
+    """
+    _require_aware(now)
+    trust_domain = _load_registry(paths).trust_domain
+    sans = _server_general_names(trust_domain, server_names)
+    ca_cert, ca_key = _load_ca(paths)
+    key = _new_key()
+    cert = _make_leaf(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        key=key,
+        common_name="aigis server",
+        sans=sans,
+        eku=ExtendedKeyUsageOID.SERVER_AUTH,
+        now=now,
+        validity_days=validity_days,
+    )
+    _write_private_key(paths.server_key, key, overwrite=True)
+    _write_cert(paths.server_cert, cert, overwrite=True)
+    return IssuedServer(
+        serial=cert.serial_number,
+        not_after=cert.not_valid_after_utc,
+        sans=tuple(_describe(n) for n in sans),
+        cert_path=paths.server_cert,
+        key_path=paths.server_key,
     )
 
 

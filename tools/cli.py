@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from auth.pki import PkiPaths
-from tools import audit_cmd, certs_cmd
+from tools import audit_cmd, bench, certs_cmd, keys_cmd
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_ISSUER = "https://localhost:8443"
@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     certs_cmd.register(sub)
+    keys_cmd.register(sub)
     audit_cmd.register(sub)
+    bench.register(sub)
 
     serve = sub.add_parser("serve", help="run the gRPC server and the embedded token issuer")
     serve.add_argument("--config", type=Path, help="aigis.toml (defaults apply without one)")

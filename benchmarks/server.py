@@ -1,0 +1,175 @@
+"""One server under test: the full aigis stack, or a bare grpc.aio baseline with the same parts.
+
+The baseline has the same servicers, model registry, inference executor, mTLS server
+credentials and transport options as aigis, and no interceptor, so the difference between the two
+is exactly what aigis adds per call. The bound port (port 0) is reported through an atomically
+written ready file, never guessed. SIGTERM stops the server; with `--profile-out`, SIGUSR1 starts
+cProfile on the event-loop thread (where the interceptor and servicers run) and SIGUSR2 stops it
+and writes the stats, so only the measurement window is profiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from auth.pki import PkiPaths
+from protos.aigis.calculator.v1 import calculator_pb2_grpc
+from protos.aigis.classifier.v1 import classifier_pb2_grpc
+from server.app import StartupError, grpc_options, server_credentials, start_server
+from server.calculator import CalculatorServicer
+from server.classifier import ImageClassificationServicer
+from server.config import Config, HostPort, IssuerSettings
+from server.model import ModelRegistry
+
+KINDS = ("baseline", "aigis")
+# Long enough that the one token the load generators share outlives any benchmark run.
+TOKEN_TTL = timedelta(hours=2)
+
+
+def bench_config(certs: Path, models: Path, audit_log: Path) -> Config:
+    """aigis's defaults, on loopback port 0 (issuer and metrics too), with a long token lifetime."""
+    return replace(
+        Config(),
+        listen=HostPort("127.0.0.1", 0),
+        certs=certs,
+        models=models,
+        audit_log=audit_log,
+        issuer=IssuerSettings(listen=HostPort("127.0.0.1", 0), token_ttl=TOKEN_TTL),
+        metrics_listen=HostPort("127.0.0.1", 0),
+        grace_seconds=0.5,
+    )
+
+
+@dataclass
+class Running:
+    """What a started server reports and how to stop it."""
+
+    port: int
+    issuer_url: str | None
+    token_url: str | None
+    stop: Callable[[], Awaitable[None]]
+
+
+async def start_baseline(config: Config) -> Running:
+    """A bare grpc.aio server: aigis's servicers, credentials and options, no interceptors."""
+    credentials: Any = await asyncio.to_thread(server_credentials, PkiPaths(config.certs))
+    if not isinstance(credentials, grpc.ServerCredentials):  # a rotatable store: take what aigis serves
+        credentials = credentials.credentials()
+    registry = await asyncio.to_thread(ModelRegistry.load, config.models)
+    server = aio.server(options=grpc_options(config))
+    executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="bench-infer")
+    calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), server)
+    classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(
+        ImageClassificationServicer(registry, executor), server
+    )
+    port = server.add_secure_port(str(config.listen), credentials)
+    await server.start()
+
+    async def stop() -> None:
+        await server.stop(config.grace_seconds)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    return Running(port, None, None, stop)
+
+
+async def start_aigis(config: Config) -> Running:
+    """The full stack exactly as `aigis serve` builds it."""
+    running = await start_server(config)
+    issuer = running.issuer
+    return Running(
+        running.port,
+        issuer.issuer_url if issuer is not None else None,
+        issuer.token_url if issuer is not None else None,
+        running.stop,
+    )
+
+
+def write_ready(path: Path, info: dict[str, Any]) -> None:
+    """Atomic: the parent never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Profiler:
+    """cProfile switched on and off by signals; stats written when switched off."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._profile: cProfile.Profile | None = None
+
+    def start(self) -> None:
+        if self._profile is None:
+            # CPU time of this (the event-loop) thread: other processes on a busy machine and the
+            # idle wait in epoll do not count, and grpc's own threads are not mixed in.
+            self._profile = cProfile.Profile(time.thread_time)
+            self._profile.enable()
+
+    def stop(self) -> None:
+        if self._profile is not None:
+            self._profile.disable()
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            self._profile.dump_stats(str(tmp))
+            os.replace(tmp, self.out)  # the parent waits for the file: it must appear whole
+            self._profile = None
+
+
+async def run(kind: str, config: Config, ready_file: Path, profile_out: Path | None) -> int:
+    try:
+        running = await (start_aigis(config) if kind == "aigis" else start_baseline(config))
+    except (StartupError, OSError, RuntimeError, ValueError) as exc:
+        await asyncio.to_thread(write_ready, ready_file, {"error": f"{kind} server cannot start: {exc}"})
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    profiler = Profiler(profile_out) if profile_out is not None else None
+    if profiler is not None:
+        loop.add_signal_handler(signal.SIGUSR1, profiler.start)
+        loop.add_signal_handler(signal.SIGUSR2, profiler.stop)
+    info = {"kind": kind, "pid": os.getpid(), "port": running.port,
+            "issuer_url": running.issuer_url, "token_url": running.token_url}
+    await asyncio.to_thread(write_ready, ready_file, info)
+    try:
+        await stop.wait()
+    finally:
+        if profiler is not None:
+            profiler.stop()
+        with contextlib.suppress(Exception):
+            await running.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__)
+    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--certs", type=Path, required=True)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--audit-log", type=Path, required=True)
+    parser.add_argument("--ready-file", type=Path, required=True)
+    parser.add_argument("--profile-out", type=Path)
+    args = parser.parse_args(argv)
+    config = bench_config(args.certs, args.models, args.audit_log)
+    return asyncio.run(run(args.kind, config, args.ready_file, args.profile_out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""`aigis bench`: a --quick smoke run over real servers and clients, and the helpers it relies on.
+
+Nothing here asserts a timing: the figures depend on the machine. What is checked is the shape of
+the JSON report, that valid traffic only ever got OK, that forged tokens were refused by aigis
+(and ignored by the bare baseline), and that no child process outlives the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks import harness
+from benchmarks.harness import BenchError, percentile
+from benchmarks.inference import batching_table, config_refusal, model_variant, strip_table, write_null_model
+from server.config import BUNDLED_MODELS
+from server.model import ModelRegistry
+from tools import bench, cli
+from tools.certs import init_pki
+
+DIGITS = BUNDLED_MODELS / "digits"
+WINDOW_KEYS = {"seconds", "requests", "errors", "rps", "p50_ms", "p99_ms", "server_cpu_us_per_req",
+               "server_cpu_util", "client_cpu_util", "other_cpu_util", "client_procs", "truncated", "attempts",
+               "quiet_wait_seconds"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["--log-level", "WARNING", "bench", "--quick", "--seconds", "0.5", "--json-out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text()), stdout.getvalue()
+
+
+def _windows(scenario: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for rnd in scenario["rounds"]:
+        for kind in bench.KINDS:
+            parts = rnd[kind] if scenario["family"] == "flood" else {"": rnd[kind]}
+            found += [(kind, window) for window in parts.values()]
+    return found
+
+
+def test_quick_report_has_machine_settings_and_every_scenario(quick_report: tuple[dict[str, Any], str]) -> None:
+    """--quick writes machine info, its settings and one entry per scenario (batching ok or skipped)."""
+    report, _ = quick_report
+    assert report["schema"] == bench.SCHEMA_VERSION
+    assert {"nproc", "python", "grpcio", "onnxruntime", "load_before", "load_after"} <= report["machine"].keys()
+    assert report["settings"]["quick"] is True
+    assert report["settings"]["rounds"] == 1
+    assert report["settings"]["in_flight"] == [1, 16]
+    names = {s["name"]: s for s in report["scenarios"]}
+    assert set(names) == {"add-1", "add-16", "classify-1[digits]", "classify-16[digits]", "flood-16",
+                          "classify-1[digits,batching]", "classify-16[digits,batching]"}
+    for name, scenario in names.items():
+        if scenario["family"] == "batching" and scenario["status"] == "skipped":
+            assert scenario["note"]
+            continue
+        assert scenario["status"] == "ok", name
+        assert len(scenario["rounds"]) == 1
+        assert set(scenario["median"]) == set(bench.KINDS)
+
+
+def test_quick_report_windows_carry_every_figure_and_no_failed_valid_call(
+    quick_report: tuple[dict[str, Any], str],
+) -> None:
+    """Every window has all figures, and valid traffic (real token) got only OK from both servers."""
+    report, _ = quick_report
+    for scenario in report["scenarios"]:
+        if scenario["status"] != "ok":
+            continue
+        for kind, window in _windows(scenario):
+            assert WINDOW_KEYS <= window.keys(), (scenario["name"], kind)
+            assert window["errors"] == {}, (scenario["name"], kind)
+            assert window["requests"] > 0, (scenario["name"], kind)
+            assert window["truncated"] is False
+
+
+def test_flood_is_refused_by_aigis_and_ignored_by_the_baseline(quick_report: tuple[dict[str, Any], str]) -> None:
+    """Tokens signed by a wrong key all end UNAUTHENTICATED at aigis; the bare baseline answers them OK."""
+    report, _ = quick_report
+    (flood,) = [s for s in report["scenarios"] if s["family"] == "flood"]
+    (rnd,) = flood["rounds"]
+    assert set(rnd["aigis"]["flooded"]["flood"]["codes"]) == {"UNAUTHENTICATED"}
+    assert set(rnd["baseline"]["flooded"]["flood"]["codes"]) == {"OK"}
+    assert "flood" not in rnd["aigis"]["alone"]
+
+
+def test_quick_report_has_raw_and_limit_entries(quick_report: tuple[dict[str, Any], str]) -> None:
+    """Raw onnxruntime is measured per batch size, and the limit compares aigis with the smaller bound."""
+    report, _ = quick_report
+    (raw,) = report["raw"]
+    assert raw["status"] == "ok"
+    assert set(raw["images_per_second"]) == {"1", "8"}
+    limits = [lim for lim in report["limits"] if lim["status"] == "ok"]
+    assert limits
+    assert limits[0]["limit_rps"] == min(limits[0]["null_baseline_rps"], limits[0]["raw_best_images_per_second"])
+
+
+def test_quick_run_prints_the_table_and_leaves_no_child_running(quick_report: tuple[dict[str, Any], str]) -> None:
+    """The table names every scenario, and every child process was reaped."""
+    report, table = quick_report
+    assert "scenario" in table and "ratio" in table
+    for scenario in report["scenarios"]:
+        if scenario["status"] == "ok":
+            assert scenario["name"] in table
+    assert harness._LIVE == set()
+
+
+def test_profile_run_reports_aigis_functions(tmp_path: Path) -> None:
+    """--profile runs cProfile inside aigis under load and lists its costliest functions."""
+    out = tmp_path / "profile.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["--log-level", "WARNING", "bench", "--quick", "--seconds", "0.5", "--in-flight", "8",
+                         "--profile", str(tmp_path / "aigis.prof"), "--json-out", str(out)])
+    assert code == 0
+    profile = json.loads(out.read_text())["profile"]
+    assert profile["window"]["errors"] == {}
+    assert (tmp_path / "aigis.prof").is_file()
+    assert profile["profile"]["ours_by_cumulative"]
+    assert all(row["own"] for row in profile["profile"]["ours_by_self"])
+    assert "Top by cumulative time" in stdout.getvalue()
+    assert harness._LIVE == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param('name = "m"\n[input]\nw = 1\n', 'name = "m"\n[input]\nw = 1\n', id="no-table"),
+        pytest.param('name = "m"\n[batching]\nenabled = true\n[output]\nk = 1\n', 'name = "m"\n[output]\nk = 1\n',
+                     id="middle"),
+        pytest.param('[input]\nw = 1\n[batching]\nenabled = true\n', "[input]\nw = 1\n", id="last"),
+        pytest.param('[input]\n[ batching ] # note\nx = 1\n[batching.sub]\ny = 2\n', "[input]\n", id="spaced-and-sub"),
+        pytest.param('[batchingx]\nx = 1\n', "[batchingx]\nx = 1\n", id="longer-name-kept"),
+    ],
+)
+def test_strip_table(text: str, expected: str) -> None:
+    """strip_table removes exactly the [batching] table (and its sub-tables), nothing else."""
+    assert strip_table(text, "batching") == expected
+
+
+def test_model_variant_sets_or_removes_the_batching_table(tmp_path: Path) -> None:
+    """A variant copies the model and ends its model.toml with the table asked for, or none."""
+    on = model_variant(DIGITS, tmp_path / "on", batching_table(True, 8, 250))
+    off = model_variant(DIGITS, tmp_path / "off", None)
+    table = "[batching]\nenabled = true\nmax_batch_size = 8\nmax_queue_delay_us = 250\n"
+    assert table in (on / "model.toml").read_text()
+    assert "[batching]" not in (off / "model.toml").read_text()
+    assert config_refusal(off) is None
+    assert (off / "model.onnx").read_bytes() == (DIGITS / "model.onnx").read_bytes()
+
+
+def test_null_model_loads_like_the_real_one(tmp_path: Path) -> None:
+    """The cost-nothing model passes the server's own load checks and answers (N, labels)."""
+    write_null_model(DIGITS, tmp_path)
+    registry = ModelRegistry.load(tmp_path)
+    model = registry.get("digits")
+    out = model.predict(np.ones(model.config.input_shape(3), dtype=np.float32))
+    assert out.shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        pytest.param([5.0], 50, 5.0, id="single"),
+        pytest.param([1.0, 2.0, 3.0, 4.0], 50, 2.0, id="median-nearest-rank"),
+        pytest.param(list(range(1, 101)), 99, 99, id="p99-of-100"),
+        pytest.param([3.0, 1.0, 2.0], 100, 3.0, id="max-unsorted"),
+    ],
+)
+def test_percentile(values: list[float], q: float, expected: float) -> None:
+    """Nearest-rank percentiles of unsorted samples."""
+    assert percentile(values, q) == expected
+
+
+def test_unwritable_pki_directory_is_a_clear_error(tmp_path: Path) -> None:
+    """If the throwaway PKI cannot be written, the error names the directory."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(BenchError, match=r"cannot generate the throwaway PKI in .*a-file"):
+        bench.make_pki(blocker / "certs")
+
+
+def test_server_that_cannot_start_reports_why(tmp_path: Path) -> None:
+    """A server whose model directory is empty fails with its own message, and is reaped."""
+    pki = bench.PkiPaths(tmp_path / "certs")
+    init_pki(pki, now=datetime.now(UTC))
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    with pytest.raises(BenchError, match=r"cannot start.*no model directories"):
+        harness.start_servers(("baseline",), empty, pki, tmp_path, "broken")
+    assert harness._LIVE == set()

@@ -1,0 +1,644 @@
+"""`aigis bench`: aigis against a bare grpc.aio baseline, side by side in one run, as ratios.
+
+Both servers run in their own processes on 127.0.0.1 (port 0, reported through a ready file), with
+the same servicers, models, executor, mTLS credentials and transport options; the baseline simply
+has no interceptor. The same load generators (Python grpc.aio clients, separate processes, one
+mTLS channel each, a real token from aigis's issuer) drive both, in alternating windows: for every
+round, every scenario runs baseline then aigis, so drift on a shared machine hits both alike.
+Absolute numbers move from run to run; the ratios measured in one run are what to compare.
+
+Scenario families (`--scenarios`):
+  add       Calculator.Add at each `--in-flight` level: req/s, p50/p99, server CPU µs per request
+  classify  ClassifyImage at 1 in flight (p50, against raw onnxruntime `session.run`) and at the
+            highest level (req/s); one pair of servers per `--model-dir`
+  batching  the same with the model's `[batching]` table enabled (skipped with a note if the
+            server's model loader does not know that table)
+  limit     what the RPC stack alone can do: the baseline serving a model that costs nothing, and
+            raw onnxruntime at its best batch size; aigis's req/s over the smaller of the two
+  flood     valid Add traffic alone, then beside a process sending tokens signed by a wrong key
+
+`--profile OUT` instead runs cProfile inside an aigis server under the highest Add load and prints
+the functions that cost the most. Every child process is killed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from auth.clients import load_registry
+from auth.pki import PkiPaths
+from benchmarks.harness import (
+    KINDS,
+    MAX_REQUESTS_PER_PROCESS,
+    READY_TIMEOUT_SECONDS,
+    BenchError,
+    Child,
+    Load,
+    ServerProc,
+    WindowTiming,
+    kill_all,
+    run_window,
+    start_servers,
+    wait_for_quiet,
+)
+from benchmarks.report import (
+    classifier_notes,
+    fmt,
+    machine_info,
+    median_of,
+    profile_summary,
+    ratio,
+    raw_summary,
+    render_profile,
+    render_table,
+    scenario_result,
+)
+
+FAMILIES = ("add", "classify", "batching", "limit", "flood")
+VALID_CLIENT = "demo"
+FLOOD_CLIENT = "flood"
+FORGED_TOKENS = 2_000
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int = 3
+    seconds: float = 5.0  # one measurement window
+    warmup: float = 1.0  # load already running, not counted, before each window
+    families: tuple[str, ...] = FAMILIES
+    in_flight: tuple[int, ...] = (1, 16, 64)
+    # At `split_at` calls in flight or more, the load is spread over this many client processes:
+    # one Python client costs nearly as much CPU as the server (FACTS.md), so one process alone
+    # would measure the client.
+    client_procs: int = 2
+    split_at: int = 32
+    model_dirs: tuple[Path, ...] = ()
+    raw_batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
+    raw_seconds: float = 2.0
+    raw_threads: int = 2  # as many as the server's inference executor
+    flood_valid_in_flight: int = 16
+    flood_in_flight: int = 64
+    batch_size: int = 32
+    batch_delay_us: int = 500
+    # Other helpers' test runs share this machine. Before each window, wait up to `quiet_wait`
+    # seconds for the rest of the machine to go quiet; a window during which other work used more
+    # than `max_other_cpu` of a core is measured again, at most `retries` times.
+    quiet_wait: float = 120.0
+    max_other_cpu: float = 0.25
+    retries: int = 2
+    quick: bool = False
+
+    @property
+    def top_in_flight(self) -> int:
+        return max(self.in_flight)
+
+    @property
+    def timing(self) -> WindowTiming:
+        return WindowTiming(self.seconds, self.warmup)
+
+
+QUICK = Settings(rounds=1, seconds=1.0, warmup=0.3, in_flight=(1, 16), raw_batch_sizes=(1, 8), raw_seconds=0.3,
+                 quiet_wait=0.0, retries=0, quick=True)
+
+
+def fetch_token(server: ServerProc, pki: PkiPaths) -> str:
+    """A real access token from the aigis server's embedded issuer (client credentials over mTLS)."""
+    from client_sdk import AigisError, ClientCredentials
+
+    assert server.token_url is not None
+    try:
+        return ClientCredentials(
+            server.token_url, ca=pki.ca_cert, cert=pki.client_cert(VALID_CLIENT), key=pki.client_key(VALID_CLIENT)
+        ).token()
+    except AigisError as exc:
+        raise BenchError(f"cannot get a token from the aigis issuer: {exc}") from None
+
+
+# -------------------------------------------------------------------------------- scenarios
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row of the result table."""
+
+    name: str
+    family: str
+    metric: str  # the headline figure: "rps" or "p50_ms"
+    rpc: str = "add"  # "add" or "classify"
+    in_flight: int = 1
+    variant: str = "off"  # which model directory variant the servers load: "off" / "on" (batching)
+    model: str = ""  # model directory name, for classify scenarios
+
+
+@dataclass
+class Pair:
+    """The servers of one model variant and the token their load generators send."""
+
+    servers: dict[str, ServerProc]
+    token: str
+    issuer_url: str
+
+
+@dataclass
+class ModelSetup:
+    """One `--model-dir`: its variants on disk, what a request looks like, whether batching works."""
+
+    name: str
+    source: Path
+    dirs: dict[str, Path]  # variant ("off", "on", "null") -> a models directory holding only it
+    image: dict[str, Any]
+    batching_note: str | None = None  # why the batching variant is skipped, if it is
+
+
+def request_image(model_dir: Path) -> dict[str, Any]:
+    """A request at the model's own input size: raw grayscale bytes for L models, a PNG for RGB."""
+    import numpy as np
+
+    from server.model import CONFIG_FILE, ColorMode, ModelConfig
+
+    config = ModelConfig.from_toml(model_dir / CONFIG_FILE)
+    rng = np.random.default_rng(7)
+    if config.color_mode is ColorMode.L:
+        data = rng.integers(0, 256, config.width * config.height, dtype=np.uint8).tobytes()
+        return {"data_b64": base64.b64encode(data).decode(), "width": config.width, "height": config.height,
+                "model": config.name, "encoding": "raw-gray"}
+    from PIL import Image
+
+    pixels = rng.integers(0, 256, (config.height, config.width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return {"data_b64": base64.b64encode(buffer.getvalue()).decode(), "width": 0, "height": 0,
+            "model": config.name, "encoding": "png"}
+
+
+def prepare_model(source: Path, root: Path, settings: Settings) -> ModelSetup:
+    """Copy `source` into off/on/null variants under `root` (each its own models directory)."""
+    from benchmarks.inference import batching_table, config_refusal, model_variant, write_null_model
+
+    if not (source / "model.toml").is_file():
+        raise BenchError(f"{source}: not a model directory (no model.toml)")
+    dirs = {v: root / f"{source.name}-{v}" for v in ("off", "on", "null")}
+    for path in dirs.values():
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            raise BenchError(f"{source}: two --model-dir directories are named {source.name!r}") from None
+    on = model_variant(source, dirs["on"], batching_table(True, settings.batch_size, settings.batch_delay_us))
+    refusal = config_refusal(on)
+    note = None
+    if refusal is None:
+        model_variant(source, dirs["off"], batching_table(False, settings.batch_size, settings.batch_delay_us))
+    else:
+        note = f"batching skipped: the model loader refuses a [batching] table ({refusal})"
+        model_variant(source, dirs["off"], None)
+    null_note = None
+    try:
+        write_null_model(source, dirs["null"])
+    except (ValueError, ImportError) as exc:
+        null_note = str(exc)
+    setup = ModelSetup(source.name, source, dirs, request_image(dirs["off"] / source.name), note)
+    if null_note is not None:
+        del setup.dirs["null"]
+    return setup
+
+
+def scenarios_for(settings: Settings, models: Sequence[ModelSetup]) -> list[Scenario]:
+    out: list[Scenario] = []
+    top = settings.top_in_flight
+    if "add" in settings.families:
+        out += [Scenario(f"add-{n}", "add", "p50_ms" if n == 1 else "rps", "add", n) for n in settings.in_flight]
+    for variant, family in (("off", "classify"), ("on", "batching")):
+        if family not in settings.families:
+            continue
+        for model in models:
+            tag = f"{model.name}" + (",batching" if variant == "on" else "")
+            out.append(Scenario(f"classify-1[{tag}]", family, "p50_ms", "classify", 1, variant, model.name))
+            if top > 1:
+                out.append(Scenario(f"classify-{top}[{tag}]", family, "rps", "classify", top, variant, model.name))
+    if "flood" in settings.families:
+        out.append(Scenario(f"flood-{settings.flood_valid_in_flight}", "flood", "rps", "add",
+                            settings.flood_valid_in_flight))
+    return out
+
+
+class Suite:
+    """Owns the temporary directory, the PKI, the servers; runs scenarios and keeps every figure."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.pki = make_pki(workdir / "certs")
+        self.kid = json.loads(self.pki.jwks.read_text(encoding="utf-8"))["keys"][0]["kid"]
+        flood_client = load_registry(self.pki.clients_registry).by_name(FLOOD_CLIENT)
+        assert flood_client is not None
+        self.flood_subject = flood_client.spiffe_id
+        self.models: list[ModelSetup] = []
+        self._pairs: dict[str, Pair] = {}
+        self._null: dict[str, ServerProc] = {}
+        self.notes: list[str] = []
+
+    def close(self) -> None:
+        for pair in self._pairs.values():
+            for server in pair.servers.values():
+                server.child.stop()
+        for server in self._null.values():
+            server.child.stop()
+
+    # -- servers ------------------------------------------------------------------------
+
+    def pair(self, model: ModelSetup, variant: str) -> Pair:
+        key = f"{model.name}-{variant}"
+        if key not in self._pairs:
+            started = start_servers(KINDS, model.dirs[variant], self.pki, self.workdir, key)
+            servers = {s.kind: s for s in started}
+            aigis = servers["aigis"]
+            try:
+                token = fetch_token(aigis, self.pki)
+            except BaseException:
+                for server in started:
+                    server.child.stop()
+                raise
+            assert aigis.issuer_url is not None
+            self._pairs[key] = Pair(servers, token, aigis.issuer_url)
+        return self._pairs[key]
+
+    def null_baseline(self, model: ModelSetup) -> ServerProc:
+        if model.name not in self._null:
+            (server,) = start_servers(("baseline",), model.dirs["null"], self.pki, self.workdir, f"{model.name}-null")
+            self._null[model.name] = server
+        return self._null[model.name]
+
+    # -- loads --------------------------------------------------------------------------
+
+    def _client(self, name: str) -> dict[str, str]:
+        return {"ca": str(self.pki.ca_cert), "cert": str(self.pki.client_cert(name)),
+                "key": str(self.pki.client_key(name))}
+
+    def valid_loads(self, rpc: str, in_flight: int, token: str, image: dict[str, Any] | None) -> list[Load]:
+        procs = self.settings.client_procs if in_flight >= self.settings.split_at else 1
+        procs = max(1, min(procs, in_flight))
+        shares = [in_flight // procs + (1 if i < in_flight % procs else 0) for i in range(procs)]
+        return [Load("valid", {"mode": rpc, **self._client(VALID_CLIENT), "token": token, "in_flight": share,
+                               "image": image}) for share in shares]
+
+    def flood_load(self, issuer_url: str) -> Load:
+        count = FORGED_TOKENS // 10 if self.settings.quick else FORGED_TOKENS
+        forge = {"issuer": issuer_url, "audience": "aigis", "kid": self.kid, "count": count,
+                 "subject": self.flood_subject}
+        return Load("flood", {"mode": "flood", **self._client(FLOOD_CLIENT), "token": None,
+                              "in_flight": self.settings.flood_in_flight, "forge": forge})
+
+    # -- scenarios ----------------------------------------------------------------------
+
+    def measure(self, server: ServerProc, loads: Sequence[Load]) -> dict[str, Any]:
+        """One window, on a quiet machine if we can have one; again if other work got in the way."""
+        s = self.settings
+        window: dict[str, Any] = {}
+        for attempt in range(1, s.retries + 2):
+            waited = wait_for_quiet(s.quiet_wait)[0] if s.quiet_wait > 0 else 0.0
+            window = run_window(server, loads, s.timing, self.workdir)
+            window.update(attempts=attempt, quiet_wait_seconds=waited)
+            other = window["other_cpu_util"]
+            if other is None or other <= s.max_other_cpu:
+                break
+        return window
+
+    def model(self, name: str) -> ModelSetup:
+        return next(m for m in self.models if m.name == name)
+
+    def run_round(self, scenario: Scenario) -> dict[str, Any]:
+        """One round of one scenario: the baseline's window(s), then aigis's."""
+        model = self.model(scenario.model) if scenario.model else self.models[0]
+        pair = self.pair(model, scenario.variant)
+        image = model.image if scenario.rpc == "classify" else None
+        out: dict[str, Any] = {}
+        for kind in KINDS:
+            server = pair.servers[kind]
+            loads = self.valid_loads(scenario.rpc, scenario.in_flight, pair.token, image)
+            if scenario.family == "flood":
+                alone = self.measure(server, loads)
+                flooded = self.measure(server, [*loads, self.flood_load(pair.issuer_url)])
+                out[kind] = {"alone": alone, "flooded": flooded}
+            else:
+                out[kind] = self.measure(server, loads)
+        return out
+
+    def run_raw(self, model: ModelSetup) -> dict[str, Any]:
+        """Raw onnxruntime on the model (no RPC), in its own process."""
+        s = self.settings
+        if s.quiet_wait > 0:
+            wait_for_quiet(s.quiet_wait)
+        child = Child(f"raw-{model.name}", "benchmarks.inference", [], self.workdir)
+        try:
+            child.send({"model_dir": str(model.dirs["off"] / model.name), "batch_sizes": list(s.raw_batch_sizes),
+                        "seconds": s.raw_seconds, "threads": s.raw_threads, "max_runs": MAX_REQUESTS_PER_PROCESS})
+            result = child.read(READY_TIMEOUT_SECONDS + s.raw_seconds * (len(s.raw_batch_sizes) + 1))
+        finally:
+            child.stop()
+        return result
+
+    def run_null(self, model: ModelSetup) -> dict[str, Any]:
+        """The bare baseline serving the cost-nothing model at the highest load."""
+        server = self.null_baseline(model)
+        token = self.pair(model, "off").token
+        loads = self.valid_loads("classify", self.settings.top_in_flight, token, model.image)
+        return self.measure(server, loads)
+
+
+def make_pki(root: Path) -> PkiPaths:
+    """A throwaway PKI: CA, server, `demo` (both scopes) and `flood` (a valid certificate whose
+    tokens will be forged)."""
+    from tools.certs import init_pki, issue_client
+
+    pki = PkiPaths(root)
+    now = datetime.now(UTC)
+    try:
+        init_pki(pki, now=now)
+        issue_client(pki, FLOOD_CLIENT, scopes=["calculator:compute"], now=now)
+    except Exception as exc:
+        raise BenchError(f"cannot generate the throwaway PKI in {root}: {type(exc).__name__}: {exc}") from None
+    return pki
+
+
+def run_suite(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Everything `aigis bench` measures, as one JSON-ready dict (tables are rendered from it)."""
+    started = datetime.now(UTC)
+    machine = machine_info()
+    with tempfile.TemporaryDirectory(prefix="aigis-bench-") as tmp:
+        workdir = Path(tmp)
+        suite = Suite(settings, workdir)
+        try:
+            for source in settings.model_dirs:
+                model = prepare_model(source, workdir / "models", settings)
+                suite.models.append(model)
+                if model.batching_note and "batching" in settings.families:
+                    suite.notes.append(f"[{model.name}] {model.batching_note}")
+            scenarios = scenarios_for(settings, suite.models)
+            skipped = {sc.name for sc in scenarios if sc.variant == "on" and suite.model(sc.model).batching_note}
+            rounds: dict[str, list[dict[str, Any]]] = {sc.name: [] for sc in scenarios}
+            errors: dict[str, str] = {}
+            raw_rounds: dict[str, list[dict[str, Any]]] = {m.name: [] for m in suite.models}
+            null_rounds: dict[str, list[dict[str, Any]]] = {m.name: [] for m in suite.models}
+            want_raw = bool({"classify", "batching", "limit"} & set(settings.families))
+            for r in range(settings.rounds):
+                for sc in scenarios:
+                    if sc.name in skipped or sc.name in errors:
+                        continue
+                    progress(f"round {r + 1}/{settings.rounds}: {sc.name}")
+                    try:
+                        rounds[sc.name].append(suite.run_round(sc))
+                    except BenchError as exc:
+                        if sc.variant != "on":
+                            raise
+                        errors[sc.name] = str(exc).splitlines()[0]  # a batching server that will not start
+                for model in suite.models:
+                    if want_raw:
+                        progress(f"round {r + 1}/{settings.rounds}: raw onnxruntime [{model.name}]")
+                        raw_rounds[model.name].append(suite.run_raw(model))
+                    if "limit" in settings.families and "null" in model.dirs:
+                        progress(f"round {r + 1}/{settings.rounds}: null-model baseline [{model.name}]")
+                        null_rounds[model.name].append(suite.run_null(model))
+        finally:
+            suite.close()
+    results_list = []
+    for sc in scenarios:
+        if sc.name in skipped or sc.name in errors:
+            note = errors.get(sc.name) or suite.model(sc.model).batching_note
+            results_list.append({**asdict(sc), "status": "skipped", "note": note})
+        else:
+            results_list.append(scenario_result(asdict(sc), rounds[sc.name]))
+    raw = []
+    for name, rr in raw_rounds.items():
+        if not rr:
+            continue
+        failed = [x["error"] for x in rr if "error" in x]
+        raw.append({"model": name, "status": "skipped", "note": failed[0], "summary": f"raw [{name}]: {failed[0]}"}
+                   if failed else raw_summary(name, rr))
+    limits = limit_results(settings, suite, results_list, raw, null_rounds)
+    machine["load_after"] = list(os.getloadavg())
+    return {
+        "schema": SCHEMA_VERSION,
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "machine": machine,
+        "settings": {**asdict(settings), "model_dirs": [str(p) for p in settings.model_dirs],
+                     "families": list(settings.families), "kinds": list(KINDS),
+                     "images": {m.name: m.image["encoding"] for m in suite.models},
+                     "client_note": f"calls in flight >= {settings.split_at} are spread over "
+                                    f"{settings.client_procs} client processes; fewer use one"},
+        "scenarios": results_list,
+        "raw": raw,
+        "limits": limits,
+        "notes": suite.notes + classifier_notes(results_list, raw),
+    }
+
+
+def limit_results(settings: Settings, suite: Suite, scenarios: list[dict[str, Any]], raw: list[dict[str, Any]],
+                  null_rounds: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """aigis@top / min(bare baseline with a cost-nothing model, raw onnxruntime at its best batch)."""
+    if "limit" not in settings.families:
+        return []
+    out = []
+    top = settings.top_in_flight
+    for model in suite.models:
+        base = {"model": model.name}
+        null = null_rounds.get(model.name) or []
+        raw_entry = next((r for r in raw if r["model"] == model.name and r.get("status") == "ok"), None)
+        measured = [s for s in scenarios if s["status"] == "ok" and s["model"] == model.name
+                    and s["in_flight"] == top and s["rpc"] == "classify"]
+        if not null or raw_entry is None or not measured:
+            out.append({**base, "status": "skipped", "summary": f"limit[{model.name}]: skipped (it needs the null "
+                        "model, the raw measurement and the classify scenarios)"})
+            continue
+        null_rps = median_of(null, "rps")
+        raw_best = raw_entry["best_images_per_second"]
+        limit = min(v for v in (null_rps, raw_best) if v is not None)
+        for variant, tag in (("off", ""), ("on", ",batching")):
+            sc = next((s for s in scenarios if s["name"] == f"classify-{top}[{model.name}{tag}]"), None)
+            if sc is None or sc["status"] != "ok":
+                continue
+            aigis_rps = sc["median"]["aigis"]["rps"]
+            out.append({
+                **base, "variant": variant, "status": "ok", "null_baseline_rps": null_rps,
+                "null_rounds": null, "raw_best_images_per_second": raw_best, "raw_best_batch": raw_entry["best_batch"],
+                "limit_rps": limit, "aigis_rps": aigis_rps, "ratio": ratio(aigis_rps, limit),
+                "summary": f"limit[{model.name}{tag}]: bare baseline with a cost-nothing model @{top} "
+                           f"{fmt(null_rps)} req/s, raw onnxruntime best {fmt(raw_best)} images/s (batch "
+                           f"{raw_entry['best_batch']}); aigis@{top} {fmt(aigis_rps)} req/s = "
+                           f"{fmt(ratio(aigis_rps, limit), 2)} x the smaller",
+            })
+    return out
+
+
+# ---------------------------------------------------------------------------------- profile
+
+def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], load: str = "add",
+                kind: str = "aigis") -> dict[str, Any]:
+    """cProfile inside one server (aigis, or the baseline to compare) during one window of Add at
+    the highest load, or with `load="flood"` of valid Add beside the forged-token flood."""
+    out = out.resolve()
+    with tempfile.TemporaryDirectory(prefix="aigis-bench-profile-") as tmp:
+        workdir = Path(tmp)
+        suite = Suite(settings, workdir)
+        model = prepare_model(settings.model_dirs[0], workdir / "models", settings)
+        out.unlink(missing_ok=True)
+        (server,) = start_servers((kind,), model.dirs["off"], suite.pki, workdir, "profile", profile_out=out)
+        try:
+            # The baseline ignores metadata, so it needs no real token (and has no issuer).
+            token = fetch_token(server, suite.pki) if kind == "aigis" else "unused"
+            if load == "flood":
+                loads = [*suite.valid_loads("add", settings.flood_valid_in_flight, token, None),
+                         suite.flood_load(server.issuer_url or "https://localhost:0")]
+                what = f"Add @{settings.flood_valid_in_flight} beside a forged-token flood"
+            else:
+                loads = suite.valid_loads("add", settings.top_in_flight, token, None)
+                what = f"Add @{settings.top_in_flight}"
+            progress(f"profiling {kind} under {what} for {settings.seconds:g} s")
+            window = run_window(server, loads, settings.timing, workdir,
+                                at_start=lambda: server.child.signal(signal.SIGUSR1),
+                                at_end=lambda: server.child.signal(signal.SIGUSR2))
+            deadline = time.monotonic() + 30  # the server renames the stats file into place when done
+            while not out.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            server.child.stop()
+    if not out.exists():
+        raise BenchError(f"the profiled server wrote no profile to {out}")
+    calls = window["requests"] + sum(window.get("flood", {}).get("codes", {}).values())
+    return {"kind": kind, "load": load, "window": window, "profile": profile_summary(out, calls),
+            "profile_file": str(out)}
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _families(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in values if v not in FAMILIES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"scenarios are a comma-separated subset of {','.join(FAMILIES)}")
+    return values
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from server.config import BUNDLED_MODELS
+
+    base = QUICK if args.quick else Settings()
+    changes: dict[str, Any] = {"model_dirs": tuple(p.resolve() for p in args.model_dir or [BUNDLED_MODELS / "digits"])}
+    for name in ("rounds", "seconds", "warmup", "client_procs", "batch_size", "batch_delay_us", "quiet_wait",
+                 "retries"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.in_flight is not None:
+        changes["in_flight"] = args.in_flight
+    if args.scenarios is not None:
+        changes["families"] = args.scenarios
+    settings = replace(base, **changes)
+    if (settings.rounds < 1 or settings.client_procs < 1 or settings.seconds <= 0 or settings.warmup < 0
+            or settings.quiet_wait < 0 or settings.retries < 0):
+        raise BenchError("--rounds and --client-procs must be >= 1, --seconds > 0, and --warmup, --quiet-wait "
+                         "and --retries >= 0")
+    return settings
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so `finally` blocks stop every child."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _main(args: argparse.Namespace) -> int:
+    def progress(message: str) -> None:
+        print(f"  .. {message}", file=sys.stderr, flush=True)
+
+    try:
+        settings = settings_from_args(args)
+        with _terminate_as_exit():
+            if args.profile is not None:
+                result = run_profile(settings, args.profile, progress, args.profile_load, args.profile_kind)
+                print(render_profile(result))
+                _write_json(args.json_out, {"schema": SCHEMA_VERSION, "machine": machine_info(),
+                                            "settings": {**asdict(settings), "model_dirs": [str(p) for p in
+                                                                                            settings.model_dirs]},
+                                            "profile": result})
+                return 0
+            results = run_suite(settings, progress)
+            _write_json(args.json_out, results)
+            print(render_table(results))
+            print(f"\nraw figures: {args.json_out}")
+    except BenchError as exc:
+        print(f"aigis bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        kill_all()
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `aigis bench` to the CLI."""
+    p = subparsers.add_parser("bench", help="measure aigis against a bare grpc.aio baseline (ratios)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run for CI: 1 round of ~1 s, 1 and 16 in flight")
+    p.add_argument("--rounds", type=int, help="alternating baseline/aigis rounds (default 3)")
+    p.add_argument("--seconds", type=float, help="length of one measurement window (default 5)")
+    p.add_argument("--warmup", type=float, help="uncounted load before each window (default 1)")
+    p.add_argument("--scenarios", type=_families, help=f"comma-separated subset of {','.join(FAMILIES)} (default all)")
+    p.add_argument("--in-flight", type=_csv_ints, help="calls in flight for Add (default 1,16,64)")
+    p.add_argument("--client-procs", type=int,
+                   help="client processes sharing the load at 32+ calls in flight (default 2)")
+    p.add_argument("--model-dir", type=Path, action="append",
+                   help="a model directory for the classifier scenarios (repeatable; default the bundled digits)")
+    p.add_argument("--batch-size", type=int, help="[batching] max_batch_size for the batching variant (default 32)")
+    p.add_argument("--batch-delay-us", type=int, help="[batching] max_queue_delay_us (default 500)")
+    p.add_argument("--quiet-wait", type=float,
+                   help="seconds to wait before each window for other work on the machine to stop (default 120; "
+                        "0 = do not wait)")
+    p.add_argument("--retries", type=int,
+                   help="measure a window again when other work used over a quarter core during it (default 2)")
+    p.add_argument("--json-out", type=Path, default=Path("bench-results.json"), help="where the raw figures go")
+    p.add_argument("--profile", type=Path, metavar="OUT.prof",
+                   help="instead of the suite: cProfile an aigis server under Add at the highest load")
+    p.add_argument("--profile-load", choices=("add", "flood"), default="add",
+                   help="what load --profile measures (default add at the highest --in-flight)")
+    p.add_argument("--profile-kind", choices=KINDS, default="aigis",
+                   help="which server --profile measures (the baseline, to compare; default aigis)")
+    p.set_defaults(func=_main)
+
+
+__all__ = ["BenchError", "Settings", "register", "run_profile", "run_suite"]

@@ -208,14 +208,34 @@ def load_jwks_file(path: Path) -> KeySet:
 
 
 class _FileKeys:
-    """Keys from a JWK Set file, read at construction and swapped in by TokenVerifier.reload()."""
+    """Keys from a JWK Set file, read at construction and swapped in by TokenVerifier.reload().
 
-    def __init__(self, path: Path) -> None:
+    An unknown kid also re-reads the file (in a thread, at most once per `recheck` seconds): right
+    after `aigis keys rotate` the issuer signs with a key the periodic reload has not seen yet, and
+    those tokens must not be refused meanwhile. A forged kid costs at most one file read a second.
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[], None], recheck: float = 1.0) -> None:
         self.path = path
         self.key_set = load_jwks_file(path)
+        self._on_change = on_change
+        self._recheck = recheck
+        self._checked_at = time.monotonic()
 
     async def get(self, kid: str) -> PyJWK | None:
-        return self.key_set.keys.get(kid)
+        key = self.key_set.keys.get(kid)
+        if key is None and time.monotonic() - self._checked_at >= self._recheck:
+            self._checked_at = time.monotonic()
+            try:
+                key_set = await asyncio.to_thread(load_jwks_file, self.path)
+            except KeySetError as exc:
+                log.error("unknown kid, and the JWK Set cannot be re-read: %s", exc)
+                return None
+            if key_set.digest != self.key_set.digest:
+                self.key_set = key_set
+                self._on_change()  # a removed key must stop vouching for cached tokens
+            key = self.key_set.keys.get(kid)
+        return key
 
 
 class _RemoteKeys:
@@ -347,6 +367,7 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
         jwks_lifespan: timedelta = timedelta(minutes=5),
         jwks_cooldown: timedelta = timedelta(seconds=30),
+        jwks_file_recheck: timedelta = timedelta(seconds=1),
     ) -> None:
         if not issuers:
             raise ValueError("at least one trusted issuer is required")
@@ -367,7 +388,7 @@ class TokenVerifier:
                 raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
             keys: _FileKeys | _RemoteKeys
             if issuer.jwks_file is not None:
-                keys = _FileKeys(issuer.jwks_file)
+                keys = _FileKeys(issuer.jwks_file, self.clear_cache, jwks_file_recheck.total_seconds())
             else:
                 assert issuer.jwks_url is not None
                 keys = _RemoteKeys(

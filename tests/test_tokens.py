@@ -657,3 +657,28 @@ def test_remote_jwks_from_untrusted_server_is_not_used(jwks_server: JwksServer, 
     """Without the private CA the TLS handshake fails, so no key is trusted (fail closed)."""
     verifier = _remote_verifier(jwks_server, clock, ca=False)
     assert refused(verifier, TokenFactory(keys.es256).make()).reason is Reason.TOKEN_UNKNOWN_KEY
+
+
+def test_key_added_to_jwks_file_is_found_on_unknown_kid(tmp_path: Path, keys: Keys, clock: Clock) -> None:
+    """Right after a key rotation, a token with the new kid verifies without waiting for a reload."""
+    path = write_jwks(tmp_path / "jwks.json", [keys.es256])
+    verifier = TokenVerifier(
+        [TrustedIssuer(ISSUER, AUDIENCE, jwks_file=path)], clock=clock, jwks_file_recheck=timedelta(0)
+    )
+    rotated = TokenFactory(generate_key("ES256", kid="rotated-key")).make()
+    assert refused(verifier, rotated).reason is Reason.TOKEN_UNKNOWN_KEY
+    write_jwks(path, [TokenFactory(generate_key("ES256", kid="other")).key, keys.es256])
+    assert refused(verifier, rotated).reason is Reason.TOKEN_UNKNOWN_KEY  # a different new key
+    new_key = generate_key("ES256", kid="new-key")
+    write_jwks(path, [new_key, keys.es256])
+    assert verify(verifier, TokenFactory(new_key).make()).subject == "client-demo"
+
+
+def test_unknown_kid_rereads_the_file_at_most_once_per_interval(tmp_path: Path, keys: Keys, clock: Clock) -> None:
+    """A flood of forged kids does not turn into a flood of file reads."""
+    path = write_jwks(tmp_path / "jwks.json", [keys.es256])
+    verifier = TokenVerifier([TrustedIssuer(ISSUER, AUDIENCE, jwks_file=path)], clock=clock)  # 1 s recheck
+    new_key = generate_key("ES256", kid="new-key")
+    write_jwks(path, [new_key, keys.es256])
+    # Within the first second after loading, the file is not read again: the kid stays unknown.
+    assert refused(verifier, TokenFactory(new_key).make()).reason is Reason.TOKEN_UNKNOWN_KEY

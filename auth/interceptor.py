@@ -1,12 +1,17 @@
-"""The server interceptor: runs the Guard before any servicer code, for all four RPC kinds.
+"""The security layer: runs the Guard before any servicer code, for all four RPC kinds.
 
-An interceptor's `intercept_service` sees only the method name and metadata; the peer
-certificate exists only on the servicer context. So we take the real handler from
-`continuation` and wrap its behaviour by shape: the wrapper checks with the context in hand,
-then runs the servicer. It is also the one place where outcomes become statuses: deny reasons
-(via auth.decision.REASON_STATUS), servicer ServiceErrors, and anything unexpected (INTERNAL).
-Every denied or failed call carries trailing metadata `aigis-request-id`; the client learns
-nothing else about why.
+The peer certificate exists only on the servicer context, so the check must run inside the
+handler: each method handler is wrapped by its shape (unary/stream in, unary/stream out) and the
+wrapper checks with the context in hand, then runs the servicer. The wrapping happens once, when
+services are registered (`SecuredRegistrar`), not per call: a grpc.aio `ServerInterceptor` would
+add a coroutine and a handler lookup to every RPC, and measured overhead is what gets security
+switched off. `SecurityInterceptor` offers the same wrapping as an interceptor for servers whose
+services we do not register ourselves.
+
+This is also the one place where outcomes become statuses: deny reasons (via
+auth.decision.REASON_STATUS), servicer ServiceErrors, and anything unexpected (INTERNAL). Every
+denied or failed call carries trailing metadata `aigis-request-id`; the client learns nothing
+else about why.
 """
 
 from __future__ import annotations
@@ -38,6 +43,42 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+class SecuredRegistrar:
+    """Stands in for the server when services register: every handler is wrapped on the way in.
+
+    Generated `add_*Servicer_to_server(servicer, registrar)` functions call exactly these two
+    methods, so a service registered through the registrar cannot reach the server unwrapped.
+    """
+
+    def __init__(self, server: aio.Server, security: SecurityInterceptor) -> None:
+        self._server = server
+        self._security = security
+        self.methods: list[str] = []  # every fully-qualified method registered, for tests and logs
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        secured = {name: self._security.wrap_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self.methods += [f"/{service}/{name}" for name in handlers]
+        self._server.add_registered_method_handlers(service, secured)
+
+    def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        secured = tuple(_SecuredGenericHandler(g, self._security) for g in generic_handlers)
+        self._server.add_generic_rpc_handlers(secured)
+
+
+class _SecuredGenericHandler(grpc.GenericRpcHandler):
+    """Looks a method up in the wrapped generic handler and returns its secured handler."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, security: SecurityInterceptor) -> None:
+        self._inner = inner
+        self._security = security
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._security.wrap_handler(handler_call_details.method, handler)  # type: ignore[attr-defined]
+
+
 class SecurityInterceptor(aio.ServerInterceptor):
     """Authenticates, authorizes and audits every RPC before its servicer runs."""
 
@@ -65,7 +106,10 @@ class SecurityInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return None
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        return self.wrap_handler(handler_call_details.method, handler)  # type: ignore[attr-defined]
+
+    def wrap_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The secured version of `handler` (built once per method and handler, then reused)."""
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -102,7 +146,14 @@ class SecurityInterceptor(aio.ServerInterceptor):
             return checked_stream
 
         if not inspect.iscoroutinefunction(behavior):
-            raise TypeError(f"{method}: grpc.aio servicers must be async (got {behavior!r})")
+            if inspect.isgeneratorfunction(behavior):
+                raise TypeError(f"{method}: streaming grpc.aio servicers must be async (got {behavior!r})")
+            # A plain function (grpcio-health-checking's aio List is one): run it after the check.
+            # It is called on the loop, so only non-blocking ones belong here.
+            sync_behavior = behavior
+
+            async def behavior(request: Any, context: aio.ServicerContext) -> Any:
+                return sync_behavior(request, context)
 
         async def checked(request: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()

@@ -20,13 +20,14 @@ from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
 from auth.audit import AuditError, AuditLog
 from auth.clients import load_registry
 from auth.guard import Guard
 from auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
-from auth.interceptor import SecurityInterceptor
+from auth.interceptor import SecuredRegistrar, SecurityInterceptor
 from auth.issuer import IssuerConfig, IssuerServer
 from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from auth.policy import Policy
@@ -170,6 +171,7 @@ class AigisServer:
     watchers: list[FileWatcher]
     metrics: Metrics
     metrics_port: int | None = None
+    methods: tuple[str, ...] = ()  # every method registered, all behind the security layer
     _reload_task: asyncio.Task[None] | None = None
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
 
@@ -273,22 +275,23 @@ async def start_server(config: Config) -> AigisServer:
             metrics_port = metrics.serve(config.metrics_listen.host, config.metrics_listen.port)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
-    server = aio.server(
-        interceptors=[
-            SecurityInterceptor(guard, audit, max_stream_messages=limits.max_stream_messages, metrics=metrics)
-        ],
-        options=grpc_options(config),
-    )
+    server = aio.server(options=grpc_options(config))
+    # Every service registers through the registrar, which wraps each handler with the checks.
+    security = SecurityInterceptor(guard, audit, max_stream_messages=limits.max_stream_messages, metrics=metrics)
+    registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
-    calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), server)
+    calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)
     classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(
-        ImageClassificationServicer(registry, executor), server
+        ImageClassificationServicer(registry, executor), registrar
     )
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+    health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
+    # enable_server_reflection() insists on a real aio.Server; register its aio servicer ourselves.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        AsyncReflectionServicer(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        ),
+        registrar,
     )
     try:
         port = server.add_secure_port(str(config.listen), tls.credentials())
@@ -340,6 +343,7 @@ async def start_server(config: Config) -> AigisServer:
         *(FileWatcher(path, verifier.reload, apply_keys, refused) for path in jwks_files),
     ]
     running = AigisServer(config, server, port, issuer, audit, executor, health, watchers, metrics, metrics_port)
+    running.methods = tuple(registrar.methods)
     running.tls = tls
     running._reload_task = asyncio.create_task(running._reload_loop())
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")

@@ -221,3 +221,16 @@ def test_unknown_method_is_unimplemented(stack: Any, token: Any) -> None:
     with channel(stack, "demo") as ch:
         call = ch.unary_unary("/aigis.calculator.v1.Calculator/Nope")
         assert run(lambda: call(b"", metadata=token, timeout=10)).code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_every_registered_method_is_behind_the_security_layer(stack: Any) -> None:
+    """Each method the server registered refuses a caller without a token (health needs none)."""
+    assert len(stack.server.methods) >= 11
+    with channel(stack, "demo") as ch:
+        for method in stack.server.methods:
+            call = ch.stream_stream(method)
+            outcome = run(lambda call=call: list(call(iter([b""]), timeout=10)))
+            if method.startswith("/grpc.health.v1.Health/"):
+                continue
+            assert outcome.code == grpc.StatusCode.UNAUTHENTICATED, method
+            assert outcome.request_id, method

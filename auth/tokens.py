@@ -153,12 +153,24 @@ def parse_authorization(metadata: Iterable[Any] | None) -> str | None:
         return None
     if count > 1:
         raise TokenError(Reason.TOKEN_MALFORMED, "more than one authorization entry")
+    token = _WELL_FORMED.get(found)  # type: ignore[arg-type]
+    if token is not None:  # the same header as an earlier call: skip the regex (hot path)
+        return token
     if not isinstance(found, str) or len(found) > MAX_AUTHORIZATION_CHARS:
         raise TokenError(Reason.TOKEN_MALFORMED, "authorization entry too large or not text")
     match = _BEARER.fullmatch(found)
     if match is None:
         raise TokenError(Reason.TOKEN_MALFORMED, "authorization is not 'Bearer <token68>'")
+    if len(_WELL_FORMED) >= _WELL_FORMED_MAX:
+        _WELL_FORMED.clear()
+    _WELL_FORMED[found] = match.group(1)
     return match.group(1)
+
+
+# Authorization values that parsed before -> their token. Parsing is pure, so remembering it is
+# safe; the bound keeps a stream of distinct (forged) headers from growing it without limit.
+_WELL_FORMED: dict[str, str] = {}
+_WELL_FORMED_MAX = 4096
 
 
 # JWK members that only private or symmetric keys have (RFC 7518 §6.2.2, §6.3.2, §6.4.1).

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos model serve clean
+.PHONY: demo test lint protos model serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ protos: $(STAMP)
 # Retrain the bundled digits model (deterministic: same seed, same bytes).
 model: $(STAMP)
 	$(BIN)/python -m tools.train_digits
+
+# The side-by-side benchmark (about 30 minutes); `--quick` runs in CI through tests/test_bench.py.
+bench: $(STAMP)
+	$(BIN)/aigis bench --cnn
 
 serve: $(STAMP)
 	$(BIN)/aigis serve

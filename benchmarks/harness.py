@@ -3,21 +3,25 @@
 Servers report their bound port in an atomically written ready file; load generators speak one
 JSON object per line on stdin/stdout (see benchmarks/load.py). Every child is registered and
 killed at exit, whatever happens. CPU time comes from /proc/<pid>/stat (all threads), read by the
-parent at the start and end of the window that every process shares.
+parent at the start and end of the window that every process shares; /proc/stat gives the whole
+machine's, so what other processes used meanwhile is reported too. `machine_lock` and
+`wait_for_quiet` keep windows apart from other benchmark runs and test runs on a shared machine.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import math
 import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ READY_TIMEOUT_SECONDS = 90.0
 STOP_TIMEOUT_SECONDS = 10.0
 # Safety bound on calls per client process; far above what a process can do in a window.
 MAX_REQUESTS_PER_PROCESS = 5_000_000
+# Shared by every `aigis bench` on the machine, so two runs take turns instead of measuring each other.
+LOCK_PATH = Path(tempfile.gettempdir()) / "aigis-bench.lock"
 
 
 class BenchError(RuntimeError):
@@ -299,6 +305,33 @@ def machine_busy_seconds() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq = fields
     return (user + nice + system + irq + softirq) / _CLOCK_TICKS
+
+
+@contextlib.contextmanager
+def machine_lock(max_wait: float) -> Iterator[bool]:
+    """One measurement window at a time on this machine, across concurrent `aigis bench` runs.
+
+    Yields whether the lock was had: after `max_wait` seconds the window runs anyway (and its
+    `other_cpu_util` will show the interference).
+    """
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
+    locked = False
+    try:
+        deadline = time.monotonic() + max_wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+        yield locked
+    finally:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def wait_for_quiet(max_wait: float, threshold: float = 0.15, sample: float = 1.0) -> tuple[float, float | None]:

@@ -172,6 +172,7 @@ class AigisServer:
     metrics: Metrics
     metrics_port: int | None = None
     methods: tuple[str, ...] = ()  # every method registered, all behind the security layer
+    classifier: ImageClassificationServicer | None = None
     _reload_task: asyncio.Task[None] | None = None
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
 
@@ -199,6 +200,8 @@ class AigisServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reload_task
         await self.server.stop(grace)
+        if self.classifier is not None:
+            self.classifier.close()  # fail anything still queued for a batch, clearly
         if self.issuer is not None:
             await asyncio.to_thread(self.issuer.stop)
         await asyncio.to_thread(self.audit.close)
@@ -281,9 +284,10 @@ async def start_server(config: Config) -> AigisServer:
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)
-    classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(
-        ImageClassificationServicer(registry, executor), registrar
-    )
+    classifier = ImageClassificationServicer(registry, executor)
+    for model_name, batcher in classifier.batchers.items():
+        batcher.on_batch = metrics.batch_size.labels(model_name).observe
+    classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(classifier, registrar)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     # enable_server_reflection() insists on a real aio.Server; register its aio servicer ourselves.
@@ -344,6 +348,7 @@ async def start_server(config: Config) -> AigisServer:
     ]
     running = AigisServer(config, server, port, issuer, audit, executor, health, watchers, metrics, metrics_port)
     running.methods = tuple(registrar.methods)
+    running.classifier = classifier
     running.tls = tls
     running._reload_task = asyncio.create_task(running._reload_loop())
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")

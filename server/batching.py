@@ -8,9 +8,12 @@ while they run, the next batch fills up, so under load batches form even with a 
 low load a lone request is not held back.
 
 Batching changes nothing in the answers: a row's probabilities are the same bits whatever else is
-in its batch (tests/test_batching.py checks this for the bundled model and the benchmark CNN;
-onnxruntime's CPU kernels compute each row of Gemm/Conv on its own). The batcher is not
-thread-safe: every method runs on the event loop that first called `submit`.
+in its batch. onnxruntime's CPU Conv runs image by image, and its Gemm pre-packs constant weights
+and then uses one kernel for every batch size; the model loader refuses to batch a model for which
+a trial batch differs (server/model.py `_check_batchable`), and tests/test_batching.py checks the
+bundled model and the benchmark CNN. The max_queue_delay timer has the event loop's resolution:
+epoll waits in whole milliseconds, so delays below 1 ms act as about 1 ms once no request arrives.
+The batcher is not thread-safe: every method runs on the event loop that first called `submit`.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class DynamicBatcher:
         self._closed = False
         self._batches = self._requests = self._failed = self._rejected = self._cancelled = 0
         self._sizes: collections.Counter[int] = collections.Counter()
+        # Told the size of every batch dispatched (the server points it at a metrics histogram).
+        self.on_batch: Callable[[int], None] | None = None
 
     @classmethod
     def for_model(cls, model: OnnxClassifier, executor: Executor, *, max_in_flight: int | None = None
@@ -198,6 +203,8 @@ class DynamicBatcher:
                 entries.append(entry)
         if not entries:
             return
+        if self.on_batch is not None:
+            self.on_batch(len(entries))
         self._in_flight += 1
         try:
             running = self._loop.run_in_executor(self._executor, self._run_batch, [e.row for e in entries])

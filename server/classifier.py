@@ -2,9 +2,9 @@
 
 Decoding and inference are CPU work, so they run on the executor the server owns, never on the
 event loop. A model with `[batching] enabled` in its model.toml gets a DynamicBatcher: each request
-is decoded on the executor as before, then its tensor joins a batch (server/batching.py); answers
-are the same bits as unbatched. Bad input raises `server.errors` exceptions; the interceptor turns
-them into statuses.
+is decoded on the executor as before (small raw images, whose cost is bounded, on the loop), then
+its tensor joins a batch (server/batching.py); answers are the same bits as unbatched. Bad input
+raises `server.errors` exceptions; the interceptor turns them into statuses.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from server.batching import DynamicBatcher
 from server.errors import InvalidArgument
 from server.images import DEFAULT_LIMITS, ImageLimits
 from server.model import ModelRegistry, OnnxClassifier
+
+# Raw images and model inputs up to this many values are prepared on the event loop in the batched
+# path (see _cheap_to_prepare): 64x64 raw pixels into the 8x8 digits model measured ~22 µs.
+INLINE_MAX_VALUES = 4096
 
 
 def resolve_top_k(top_k: int, n_labels: int) -> int:
@@ -69,7 +73,12 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
         if batcher is None:
             return await loop.run_in_executor(self._executor, self._classify, request)
         k = resolve_top_k(request.top_k, len(model.labels))
-        row = await loop.run_in_executor(self._executor, self._prepare, request, model)
+        if _cheap_to_prepare(request, model):
+            # The batcher already hops to a thread for the batch; a second hop per request for
+            # ~20 µs of bounded work cost 0.13 ms p50 at 1 in flight (digits, measured).
+            row = self._prepare(request, model)
+        else:
+            row = await loop.run_in_executor(self._executor, self._prepare, request, model)
         probabilities = await batcher.submit(row)
         return _result(model, model.top(probabilities, k))
 
@@ -91,6 +100,19 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
         return classifier_pb2.ListModelsReply(
             models=[_model_info(m, m.name == self._registry.default_name) for m in self._registry.models]
         )
+
+
+def _cheap_to_prepare(request: classifier_pb2.Image, model: OnnxClassifier) -> bool:
+    """Raw pixels into a small model: bounded work (~15-25 µs), cheaper than the thread hop it saves.
+
+    Only raw grayscale qualifies: its cost is fixed by `len(data)` and the model's input size. An
+    encoded PNG/JPEG does not, however few bytes it has: its header may declare 4096x4096 pixels.
+    """
+    config = model.config
+    return (request.width > 0 and request.height > 0
+            and len(request.data) <= INLINE_MAX_VALUES
+            and request.width * request.height <= INLINE_MAX_VALUES
+            and config.width * config.height * config.channels <= INLINE_MAX_VALUES)
 
 
 def _result(model: OnnxClassifier, top: list[tuple[str, float]]) -> classifier_pb2.ClassificationResult:

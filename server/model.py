@@ -3,7 +3,9 @@
 A model is a directory holding ``model.toml``, the ONNX file and a labels file. Any ONNX image
 classifier with one float input laid out as ``flat`` (N, H*W*C), ``NCHW`` or ``NHWC`` and one
 (N, labels) output works; everything the server needs to feed it is in ``model.toml``, checked
-against the ONNX graph at load so a mismatch stops start-up instead of failing requests.
+against the ONNX graph at load so a mismatch stops start-up instead of failing requests. An optional
+``[batching]`` table turns on dynamic batching (server/batching.py); a model that cannot batch
+without changing its answers is refused then too.
 """
 
 from __future__ import annotations
@@ -394,17 +396,7 @@ class OnnxClassifier:
             raise ModelConfigError(f"{model_path}: output shape {probe.shape} does not match "
                                    f"{len(labels)} labels")
         if config.batching.enabled and config.batching.max_batch_size > 1:
-            # A symbolic batch dimension can still hide a graph that only works for one image
-            # (a Reshape to a constant, say): run two before promising the batcher it can.
-            try:
-                pair = classifier.predict(np.zeros(config.input_shape(2), dtype=np.float32))
-            except Exception as exc:
-                raise ModelConfigError(f"{model_path}: batching.enabled: the model fails on a batch of 2 "
-                                       f"images ({exc}); set enabled = false or export it with a "
-                                       f"dynamic batch dimension") from exc
-            if pair.shape != (2, len(labels)):
-                raise ModelConfigError(f"{model_path}: batching.enabled: a batch of 2 images gives output "
-                                       f"shape {pair.shape}, not (2, {len(labels)})")
+            _check_batchable(classifier, model_path)
         return classifier
 
     @property
@@ -427,6 +419,33 @@ class OnnxClassifier:
         label order so answers are deterministic."""
         order = np.argsort(-probabilities, kind="stable")[:k]
         return [(self.labels[i], float(probabilities[i])) for i in order]
+
+
+def _check_batchable(model: OnnxClassifier, model_path: Path) -> None:
+    """Batching must not change answers: two different images run together must each get the bits
+    they get alone.
+
+    A symbolic batch dimension can hide a graph that only runs one image (a Reshape to a constant)
+    or one whose rows mix (statistics over the batch). And onnxruntime's CPU Gemm is only
+    row-independent because it pre-packs constant weights and then runs the same kernel for any
+    batch size; weights that are not constant take MLAS's separate one-row path, whose sums differ
+    (measured: most outputs, by up to thousands of ulps). A trial catches all of these at load.
+    """
+    pair = np.random.default_rng(0).standard_normal(model.config.input_shape(2)).astype(np.float32)
+    try:
+        together = model.predict(pair)
+        alone = np.concatenate([model.predict(pair[:1]), model.predict(pair[1:])])
+    except Exception as exc:
+        raise ModelConfigError(f"{model_path}: batching.enabled: the model fails on a batch of 2 images "
+                               f"({exc}); export it with a dynamic batch dimension, or set enabled = false"
+                               ) from exc
+    if together.shape != alone.shape:
+        raise ModelConfigError(f"{model_path}: batching.enabled: a batch of 2 images gives output shape "
+                               f"{together.shape}, not {alone.shape}")
+    if together.tobytes() != alone.tobytes():
+        raise ModelConfigError(f"{model_path}: batching.enabled: an image's probabilities change with the "
+                               f"other images in its batch, so batching would change answers; set "
+                               f"enabled = false")
 
 
 def _check_signature(session: ort.InferenceSession, config: ModelConfig, n_labels: int,

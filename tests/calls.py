@@ -129,3 +129,14 @@ def assert_serving(stack: Any, kind: str = "unary", client: str = "demo") -> Non
     with channel(stack, client) as ch:
         outcome = run(lambda: RPC_KINDS[kind](ch, bearer(issuer_token(stack, client))))
     assert outcome.value == EXPECTED[kind], outcome
+
+
+def png_digit_request(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
+    """Classify the bundled sample digit 7; returns the ClassificationResult."""
+    from pathlib import Path
+
+    from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+
+    sample = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples" / "7.png"
+    stub = classifier_pb2_grpc.ImageClassificationServiceStub(ch)
+    return stub.ClassifyImage(classifier_pb2.Image(data=sample.read_bytes()), metadata=md, timeout=10)

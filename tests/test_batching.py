@@ -194,11 +194,12 @@ def test_batched_digits_are_bit_identical_to_unbatched(digits: OnnxClassifier, e
 @pytest.fixture(scope="module")
 def small_cnn(tmp_path_factory: pytest.TempPathFactory) -> OnnxClassifier:
     out = tmp_path_factory.mktemp("cnn")
-    return OnnxClassifier.load(make_cnn.write_cnn(out, name="cnn32", size=32, n_labels=10))
+    return OnnxClassifier.load(make_cnn.write_cnn(out, name="cnn32", size=32, n_labels=10, hidden=(64, 64)))
 
 
 def test_batched_cnn_is_bit_identical_to_unbatched(small_cnn: OnnxClassifier, executor: ThreadPoolExecutor) -> None:
-    """The benchmark CNN's convolutions give each image the same bits alone or in a batch."""
+    """The benchmark CNN (convolutions, then a fully connected head) gives each image the same bits alone
+    or in a batch."""
     rows = np.random.default_rng(7).random(small_cnn.config.input_shape(20), dtype=np.float32)
     alone = np.concatenate([small_cnn.predict(row[np.newaxis]) for row in rows])
     b = batcher(small_cnn, executor, max_batch_size=8, max_queue_delay_us=1000, max_in_flight=2)
@@ -457,6 +458,17 @@ def reshape_to_one_image(model_dir: Path) -> None:
     onnx.save(model, model_dir / "model.onnx")
 
 
+def mix_rows(model_dir: Path) -> None:
+    """Subtract the batch's mean image before the first layer: each answer depends on its batch-mates."""
+    model = onnx.load(model_dir / "model.onnx")
+    graph = model.graph
+    graph.initializer.append(helper.make_tensor("batch_axis", TensorProto.INT64, [1], [0]))
+    graph.node.insert(0, helper.make_node("ReduceMean", ["pixels", "batch_axis"], ["batch_mean"]))
+    graph.node.insert(1, helper.make_node("Sub", ["pixels", "batch_mean"], ["centred"]))
+    graph.node[2].input[0] = "centred"
+    onnx.save(model, model_dir / "model.onnx")
+
+
 @pytest.mark.parametrize(
     ("damage", "table", "message"),
     [
@@ -465,7 +477,10 @@ def reshape_to_one_image(model_dir: Path) -> None:
                      "batching.max_batch_size is 8; export the model with a dynamic (symbolic) first dimension, "
                      "or set enabled = false", id="fixed-batch-dimension"),
         pytest.param(reshape_to_one_image, "enabled = true",
-                     "{model}: batching.enabled: the model fails on a batch of 2 images", id="graph-fixed-inside"),
+                     "{model}: batching.enabled: the model fails on a batch of 2 images (", id="graph-fixed-inside"),
+        pytest.param(mix_rows, "enabled = true",
+                     "{model}: batching.enabled: an image's probabilities change with the other images in its "
+                     "batch, so batching would change answers; set enabled = false", id="rows-mix"),
     ],
 )
 def test_batching_a_model_that_cannot_batch_is_refused(tmp_path: Path, damage: Callable[[Path], None], table: str,
@@ -499,9 +514,10 @@ def png(pixels: np.ndarray, mode: str) -> bytes:
 def test_cnn_224_loads_in_the_registry_and_classifies_through_the_batcher(tmp_path: Path) -> None:
     """make_cnn writes a 224x224 RGB model the registry loads; its servicer answers batched like unbatched."""
     off = make_cnn.write_cnn(tmp_path / "off")
-    on = make_cnn.write_cnn(tmp_path / "on", batching=BatchingConfig(enabled=True, max_batch_size=3,
-                                                                     max_queue_delay_us=LONG))
-    assert (on.parent / "cnn224" / "model.toml").read_text(encoding="utf-8").endswith(
+    on = shutil.copytree(off, tmp_path / "on" / off.name)
+    config = make_cnn.cnn_config(batching=BatchingConfig(enabled=True, max_batch_size=3, max_queue_delay_us=LONG))
+    (on / "model.toml").write_text(make_cnn.config_toml(config), encoding="utf-8")
+    assert (on / "model.toml").read_text(encoding="utf-8").endswith(
         f"[batching]\nenabled = true\nmax_batch_size = 3\nmax_queue_delay_us = {LONG}\nmax_queue_size = 256\n")
     plain, batched = ModelRegistry.load(off.parent), ModelRegistry.load(on.parent)
     model = batched.get("")
@@ -527,16 +543,16 @@ def test_cnn_224_loads_in_the_registry_and_classifies_through_the_batcher(tmp_pa
 
 def test_cnn_generator_is_deterministic(tmp_path: Path) -> None:
     """The same arguments write the same bytes (fixed seed, no timestamps)."""
-    a = make_cnn.write_cnn(tmp_path / "a", size=32, n_labels=10)
-    b = make_cnn.write_cnn(tmp_path / "b", size=32, n_labels=10)
+    a = make_cnn.write_cnn(tmp_path / "a", size=32, n_labels=10, hidden=(16,))
+    b = make_cnn.write_cnn(tmp_path / "b", size=32, n_labels=10, hidden=(16,))
     for name in ("model.onnx", "labels.txt", "model.toml"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
 
 
 def test_cnn_cli_writes_a_loadable_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`python -m tools.make_cnn OUT --batching` writes OUT/<name>/ with batching enabled."""
-    assert make_cnn.main([str(tmp_path), "--name", "tiny", "--size", "16", "--labels", "3", "--batching",
-                          "--max-batch-size", "8", "--max-queue-delay-us", "200"]) == 0
+    assert make_cnn.main([str(tmp_path), "--name", "tiny", "--size", "16", "--labels", "3", "--hidden", "8,4",
+                          "--batching", "--max-batch-size", "8", "--max-queue-delay-us", "200"]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'tiny'}\n"
     model = OnnxClassifier.load(tmp_path / "tiny")
     assert model.config.batching == BatchingConfig(enabled=True, max_batch_size=8, max_queue_delay_us=200)

@@ -49,3 +49,20 @@ def test_refused_reload_is_counted(start_stack: Any) -> None:
     assert sample(scrape(stack), "aigis_reload_failures_total", file=policy_path.name) == 1
     with channel(stack, "demo") as ch:
         assert RPC_KINDS["unary"](ch, bearer(issuer_token(stack, "demo"))) == 5
+
+
+def test_batch_sizes_are_exported(start_stack: Any, tmp_path: Any) -> None:
+    """A batching model's batch sizes show up as a histogram on /metrics."""
+    import shutil
+
+    from calls import png_digit_request
+
+    models = tmp_path / "models"
+    shutil.copytree("server/models/digits", models / "digits")
+    toml = models / "digits" / "model.toml"
+    toml.write_text(toml.read_text() + "\n[batching]\nenabled = true\nmax_batch_size = 8\n")
+    stack = start_stack(models=models)
+    with channel(stack, "demo") as ch:
+        for _ in range(3):
+            png_digit_request(ch, bearer(issuer_token(stack, "demo")))
+    assert sample(scrape(stack), "aigis_inference_batch_size_count", model="digits") == 3

@@ -17,8 +17,14 @@ Scenario families (`--scenarios`):
             raw onnxruntime at its best batch size; aigis's req/s over the smaller of the two
   flood     valid Add traffic alone, then beside a process sending tokens signed by a wrong key
 
+`--cnn` adds a generated 224x224 RGB CNN (tools/make_cnn.py) to the classifier scenarios.
 `--profile OUT` instead runs cProfile inside an aigis server under the highest Add load and prints
-the functions that cost the most. Every child process is killed on exit.
+the functions that cost the most.
+
+The machine may be shared: each window takes a machine-wide lock (so two `aigis bench` runs take
+turns), first waits for other work to go quiet, and is measured again if other processes still
+used more than a quarter core during it; the CPU others used is reported per window. Every child
+process is killed on exit.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from benchmarks.harness import (
     ServerProc,
     WindowTiming,
     kill_all,
+    machine_lock,
     run_window,
     start_servers,
     wait_for_quiet,
@@ -94,13 +101,15 @@ class Settings:
     flood_valid_in_flight: int = 16
     flood_in_flight: int = 64
     batch_size: int = 32
-    batch_delay_us: int = 500
+    batch_delay_us: int = 0  # the server's default: batches form only while earlier ones run
+    cnn: bool = False  # also generate a 224x224 RGB CNN (tools/make_cnn.py) and measure it
     # Other helpers' test runs share this machine. Before each window, wait up to `quiet_wait`
     # seconds for the rest of the machine to go quiet; a window during which other work used more
     # than `max_other_cpu` of a core is measured again, at most `retries` times.
     quiet_wait: float = 120.0
     max_other_cpu: float = 0.25
     retries: int = 2
+    lock_wait: float = 900.0  # for another `aigis bench` on this machine to finish its window
     quick: bool = False
 
     @property
@@ -113,7 +122,7 @@ class Settings:
 
 
 QUICK = Settings(rounds=1, seconds=1.0, warmup=0.3, in_flight=(1, 16), raw_batch_sizes=(1, 8), raw_seconds=0.3,
-                 quiet_wait=0.0, retries=0, quick=True)
+                 quiet_wait=0.0, retries=0, lock_wait=0.0, quick=True)
 
 
 def fetch_token(server: ServerProc, pki: PkiPaths) -> str:
@@ -221,8 +230,10 @@ def scenarios_for(settings: Settings, models: Sequence[ModelSetup]) -> list[Scen
     top = settings.top_in_flight
     if "add" in settings.families:
         out += [Scenario(f"add-{n}", "add", "p50_ms" if n == 1 else "rps", "add", n) for n in settings.in_flight]
+    # The limit compares aigis's classify throughput with its bounds, so it brings classify along.
+    wanted = set(settings.families) | ({"classify"} if "limit" in settings.families else set())
     for variant, family in (("off", "classify"), ("on", "batching")):
-        if family not in settings.families:
+        if family not in wanted:
             continue
         for model in models:
             tag = f"{model.name}" + (",batching" if variant == "on" else "")
@@ -309,9 +320,10 @@ class Suite:
         s = self.settings
         window: dict[str, Any] = {}
         for attempt in range(1, s.retries + 2):
-            waited = wait_for_quiet(s.quiet_wait)[0] if s.quiet_wait > 0 else 0.0
-            window = run_window(server, loads, s.timing, self.workdir)
-            window.update(attempts=attempt, quiet_wait_seconds=waited)
+            with machine_lock(s.lock_wait) as locked:
+                waited = wait_for_quiet(s.quiet_wait)[0] if s.quiet_wait > 0 else 0.0
+                window = run_window(server, loads, s.timing, self.workdir)
+            window.update(attempts=attempt, quiet_wait_seconds=waited, machine_lock=locked)
             other = window["other_cpu_util"]
             if other is None or other <= s.max_other_cpu:
                 break
@@ -340,15 +352,17 @@ class Suite:
     def run_raw(self, model: ModelSetup) -> dict[str, Any]:
         """Raw onnxruntime on the model (no RPC), in its own process."""
         s = self.settings
-        if s.quiet_wait > 0:
-            wait_for_quiet(s.quiet_wait)
-        child = Child(f"raw-{model.name}", "benchmarks.inference", [], self.workdir)
-        try:
-            child.send({"model_dir": str(model.dirs["off"] / model.name), "batch_sizes": list(s.raw_batch_sizes),
-                        "seconds": s.raw_seconds, "threads": s.raw_threads, "max_runs": MAX_REQUESTS_PER_PROCESS})
-            result = child.read(READY_TIMEOUT_SECONDS + s.raw_seconds * (len(s.raw_batch_sizes) + 1))
-        finally:
-            child.stop()
+        with machine_lock(s.lock_wait):
+            if s.quiet_wait > 0:
+                wait_for_quiet(s.quiet_wait)
+            child = Child(f"raw-{model.name}", "benchmarks.inference", [], self.workdir)
+            try:
+                child.send({"model_dir": str(model.dirs["off"] / model.name),
+                            "batch_sizes": list(s.raw_batch_sizes), "seconds": s.raw_seconds,
+                            "threads": s.raw_threads, "max_runs": MAX_REQUESTS_PER_PROCESS})
+                result = child.read(READY_TIMEOUT_SECONDS + s.raw_seconds * (len(s.raw_batch_sizes) + 1))
+            finally:
+                child.stop()
         return result
 
     def run_null(self, model: ModelSetup) -> dict[str, Any]:
@@ -357,6 +371,15 @@ class Suite:
         token = self.pair(model, "off").token
         loads = self.valid_loads("classify", self.settings.top_in_flight, token, model.image)
         return self.measure(server, loads)
+
+
+def generate_cnn(root: Path) -> Path:
+    """A random-weight 224x224 RGB CNN (milliseconds per image), where batching can matter."""
+    try:
+        from tools.make_cnn import write_cnn
+    except ImportError as exc:
+        raise BenchError(f"--cnn needs tools/make_cnn.py: {exc}") from None
+    return write_cnn(root)
 
 
 def make_pki(root: Path) -> PkiPaths:
@@ -382,7 +405,10 @@ def run_suite(settings: Settings, progress: Callable[[str], None]) -> dict[str, 
         workdir = Path(tmp)
         suite = Suite(settings, workdir)
         try:
-            for source in settings.model_dirs:
+            sources = list(settings.model_dirs)
+            if settings.cnn:
+                sources.append(generate_cnn(workdir / "generated"))
+            for source in sources:
                 model = prepare_model(source, workdir / "models", settings)
                 suite.models.append(model)
                 if model.batching_note and "batching" in settings.families:
@@ -553,6 +579,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             changes[name] = value
     if args.in_flight is not None:
         changes["in_flight"] = args.in_flight
+    if args.cnn:
+        changes["cnn"] = True
     if args.scenarios is not None:
         changes["families"] = args.scenarios
     settings = replace(base, **changes)
@@ -619,13 +647,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seconds", type=float, help="length of one measurement window (default 5)")
     p.add_argument("--warmup", type=float, help="uncounted load before each window (default 1)")
     p.add_argument("--scenarios", type=_families, help=f"comma-separated subset of {','.join(FAMILIES)} (default all)")
-    p.add_argument("--in-flight", type=_csv_ints, help="calls in flight for Add (default 1,16,64)")
+    p.add_argument("--in-flight", type=_csv_ints,
+                   help="calls in flight for Add (default 1,16,64); the highest also for ClassifyImage throughput")
     p.add_argument("--client-procs", type=int,
                    help="client processes sharing the load at 32+ calls in flight (default 2)")
     p.add_argument("--model-dir", type=Path, action="append",
                    help="a model directory for the classifier scenarios (repeatable; default the bundled digits)")
+    p.add_argument("--cnn", action="store_true",
+                   help="also measure a generated 224x224 RGB CNN with random weights (tools/make_cnn.py)")
     p.add_argument("--batch-size", type=int, help="[batching] max_batch_size for the batching variant (default 32)")
-    p.add_argument("--batch-delay-us", type=int, help="[batching] max_queue_delay_us (default 500)")
+    p.add_argument("--batch-delay-us", type=int, help="[batching] max_queue_delay_us (default 0)")
     p.add_argument("--quiet-wait", type=float,
                    help="seconds to wait before each window for other work on the machine to stop (default 120; "
                         "0 = do not wait)")

@@ -1,0 +1,126 @@
+"""Throughput of `aigis serve --workers 1` vs `--workers 2` (issue: scale past one process).
+
+    python -m benchmarks.workers [--rounds 3] [--seconds 4] [--clients 4] [--in-flight 32]
+
+Alternating rounds (1 worker, 2 workers, 1, 2, ...) on loopback; each round starts a fresh
+`aigis serve --workers N` and drives Calculator.Add from several load-generator processes
+(benchmarks/load.py), each on its own connection so the kernel spreads them over the workers.
+Prints req/s per round, the medians and the ratio. On a 2-core machine the load generators share
+the cores with the servers, so the ratio is a lower bound on what a second process buys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _token(pki: object, issuer_url: str) -> str:
+    sys.path.insert(0, str(REPO / "tests"))
+    from calls import issuer_token
+
+    stack = SimpleNamespace(
+        token_url=issuer_url + "/oauth2/token",
+        client_files=lambda name: (pki.ca_cert, pki.client_cert(name), pki.client_key(name)),  # type: ignore[attr-defined]
+    )
+    return issuer_token(stack, "demo")
+
+
+def one_round(pki: object, work: Path, workers: int, clients: int, in_flight: int, seconds: float) -> float:
+    ready = work / f"ready-{workers}-{time.monotonic_ns()}.json"
+    with (work / "serve.log").open("a") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
+             "--certs", str(pki.root), "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0",  # type: ignore[attr-defined]
+             "--metrics-listen", "off", "--audit-log", str(work / "audit.jsonl"), "--ready-file", str(ready)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    loads: list[subprocess.Popen[str]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start; see {work / 'serve.log'}")
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        token = _token(pki, info["issuer_url"])
+        spec = {
+            "mode": "add", "target": info["target"], "ca": str(pki.ca_cert),  # type: ignore[attr-defined]
+            "cert": str(pki.client_cert("demo")), "key": str(pki.client_key("demo")),  # type: ignore[attr-defined]
+            "token": token, "in_flight": in_flight, "max_requests": 2_000_000, "max_seconds": seconds + 60,
+            "call_timeout": 10.0, "image": None, "forge": None,
+        }  # fmt: skip
+        for _ in range(clients):
+            p = subprocess.Popen([sys.executable, "-m", "benchmarks.load"], cwd=REPO, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert p.stdin is not None
+            p.stdin.write(json.dumps(spec) + "\n")
+            p.stdin.flush()
+            loads.append(p)
+        for p in loads:
+            line = p.stdout.readline() if p.stdout else ""
+            if "ready" not in line:
+                raise RuntimeError(f"load generator failed: {line.strip()}")
+        start = time.time() + 1.0
+        for p in loads:
+            assert p.stdin is not None
+            p.stdin.write(json.dumps({"start_at": start, "end_at": start + seconds}) + "\n")
+            p.stdin.flush()
+        total = 0.0
+        for p in loads:
+            result = json.loads(p.stdout.readline() if p.stdout else "{}")
+            if "error" in result:
+                raise RuntimeError(result["error"])
+            total += result["codes"].get("OK", 0) / result["window_seconds"]
+        return total
+    finally:
+        for p in loads:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=32)
+    args = parser.parse_args(argv)
+    from auth.pki import PkiPaths
+    from tools.certs import init_pki
+
+    with tempfile.TemporaryDirectory(prefix="aigis-workers-") as tmp:
+        work = Path(tmp)
+        pki = PkiPaths(work / "certs")
+        init_pki(pki, now=datetime.now(UTC))
+        figures: dict[int, list[float]] = {1: [], 2: []}
+        for r in range(args.rounds):
+            for workers in (1, 2):
+                rps = one_round(pki, work, workers, args.clients, args.in_flight, args.seconds)
+                figures[workers].append(rps)
+                print(f"round {r + 1}: {workers} worker(s): {rps:,.0f} req/s", flush=True)
+        one, two = statistics.median(figures[1]), statistics.median(figures[2])
+        print(f"median: 1 worker {one:,.0f} req/s, 2 workers {two:,.0f} req/s, ratio {two / one:.2f}")
+        print(json.dumps({"workers_1": figures[1], "workers_2": figures[2], "ratio": two / one}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -203,7 +203,8 @@ def _parse_serial(value: Any, where: str) -> int | None:
         raise RegistryError(f"{where}: expected a hex string") from None
 
 
-def _parse_time(value: Any, where: str) -> datetime | None:
+def parse_aware_time(value: Any, where: str, error: type[Exception] = ValueError) -> datetime | None:
+    """None, or an ISO 8601 time that carries a UTC offset (naive times are refused as `error`)."""
     if value is None:
         return None
     try:
@@ -211,8 +212,12 @@ def _parse_time(value: Any, where: str) -> datetime | None:
     except ValueError:
         parsed = None
     if parsed is None or parsed.tzinfo is None:
-        raise RegistryError(f"{where}: expected an ISO 8601 time with a UTC offset")
+        raise error(f"{where}: expected an ISO 8601 time with a UTC offset")
     return parsed
+
+
+def _parse_time(value: Any, where: str) -> datetime | None:
+    return parse_aware_time(value, where, RegistryError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -320,7 +320,7 @@ BROKEN_KEY_FILES: list[Any] = [
     ),
     pytest.param(
         lambda p: p.signing_keys_metadata.write_text('{"version": 1, "keys": [{"kid": "k", "retired_at": "soon"}]}'),
-        r"keys\[0\]\.retired_at: not an ISO 8601 time",
+        r"keys\[0\]\.retired_at: expected an ISO 8601 time",
         id="metadata-bad-time",
     ),
     pytest.param(

@@ -36,6 +36,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from auth.clients import parse_aware_time
 from auth.issuer import MAX_TOKEN_TTL
 from auth.pki import PkiPaths
 from tools.certs import PkiError, _new_key, _require_aware, _write_file, _write_private_key, public_jwk
@@ -143,15 +144,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _parse_time(value: Any, where: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise KeyRotationError(f"{where}: not an ISO 8601 time with a UTC offset")
-    return parsed
+    return parse_aware_time(value, where, KeyRotationError)
 
 
 def parse_metadata(data: Any, source: str) -> dict[str, KeyRecord]:

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from auth.files import replace_atomically
 
 REGISTRY_VERSION = 1
 
@@ -286,15 +285,4 @@ def save_registry(path: Path, registry: ClientRegistry) -> None:
     """Write clients.json atomically (temp file + os.replace) with mode 0600: it holds secret hashes."""
     text = json.dumps(registry.to_json(), indent=2, sort_keys=True) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates the file 0600, so the hashes are never readable by others, even briefly.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    replace_atomically(path, text.encode("utf-8"), 0o600)

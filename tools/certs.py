@@ -11,7 +11,6 @@ certificate without a SAN.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -19,7 +18,6 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,6 +39,7 @@ from auth.clients import (
     load_registry,
     save_registry,
 )
+from auth.files import replace_atomically
 from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths, client_spiffe_id
 
 ORGANIZATION = "aigis"
@@ -209,20 +208,7 @@ def _write_file(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return
-    # A fresh temp file + os.replace: readers never see half a file, and an old file's looser
-    # mode is not inherited (O_TRUNC would keep it).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # mkstemp made it 0600; this only ever loosens public files to 0644
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    replace_atomically(path, data, mode)
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey, *, overwrite: bool) -> None:

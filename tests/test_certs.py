@@ -26,7 +26,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from auth.clients import ClientRegistry, RegistryError, load_registry, save_registry, verify_secret
 from auth.pki import PkiPaths
-from tools import certs_cmd
 from tools.certs import (
     DEMO_SCOPES,
     AlreadyExistsError,
@@ -37,6 +36,7 @@ from tools.certs import (
     load_crl_serials,
     revoke_client,
 )
+from tools.cli import main as cli_main
 
 # A pinned clock for everything that does not need a live TLS handshake.
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -505,8 +505,8 @@ def test_cli_prints_no_private_key_and_the_secret_exactly_once(
 ) -> None:
     """`aigis certs` output never contains key material; a new secret appears once, with a warning."""
     root = str(tmp_path / "certs")
-    assert certs_cmd.main(["certs", "init", "--dir", root]) == 0
-    assert certs_cmd.main(["certs", "issue", "alice", "--dir", root, "--scope", "a b", "--with-secret"]) == 0
+    assert cli_main(["certs", "init", "--dir", root]) == 0
+    assert cli_main(["certs", "issue", "alice", "--dir", root, "--scope", "a b", "--with-secret"]) == 0
     out, err = capsys.readouterr()
     stored = load_registry(PkiPaths(Path(root)).clients_registry).by_name("alice")
     assert stored is not None and stored.scopes == ("a", "b") and stored.secret is not None
@@ -515,8 +515,8 @@ def test_cli_prints_no_private_key_and_the_secret_exactly_once(
     assert verify_secret(secret, stored.secret)
     assert (out + err).count(secret) == 1
     assert "shown only this once" in err
-    assert certs_cmd.main(["certs", "revoke", "alice", "--dir", root]) == 0
-    assert certs_cmd.main(["certs", "list", "--dir", root]) == 0
+    assert cli_main(["certs", "revoke", "alice", "--dir", root]) == 0
+    assert cli_main(["certs", "list", "--dir", root]) == 0
     out, err = capsys.readouterr()
     assert "PRIVATE KEY" not in out + err
     assert "alice            revoked" in out
@@ -525,9 +525,9 @@ def test_cli_prints_no_private_key_and_the_secret_exactly_once(
 def test_cli_reports_errors_with_exit_code_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A refused operation exits 1 with a one-line error, not a traceback."""
     root = str(tmp_path / "certs")
-    assert certs_cmd.main(["certs", "init", "--dir", root]) == 0
-    assert certs_cmd.main(["certs", "init", "--dir", root]) == 1
-    assert certs_cmd.main(["certs", "revoke", "nobody", "--dir", root]) == 1
+    assert cli_main(["certs", "init", "--dir", root]) == 0
+    assert cli_main(["certs", "init", "--dir", root]) == 1
+    assert cli_main(["certs", "revoke", "nobody", "--dir", root]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
         f"aigis certs: error: {root}/ca.pem already exists; use --force to overwrite it",

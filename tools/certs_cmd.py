@@ -165,15 +165,3 @@ def _cmd_list(args: argparse.Namespace) -> int:
         secret = "yes" if c.has_secret else "no"
         print(f"{c.name:<16} {status:<8} {secret:<6} {expires:<10} {c.serial:<40} {' '.join(c.scopes)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m tools.certs_cmd certs ...`); `aigis certs` is the same."""
-    parser = argparse.ArgumentParser(prog="aigis")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

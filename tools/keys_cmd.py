@@ -91,15 +91,3 @@ def _cmd_list(args: argparse.Namespace) -> int:
             f"{_when(k.prune_after)}"
         )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m tools.keys_cmd keys ...`); `aigis keys` is the same."""
-    parser = argparse.ArgumentParser(prog="aigis")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

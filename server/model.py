@@ -538,3 +538,49 @@ class ModelRegistry:
             # The name is the caller's own input; not echoed, so nothing odd lands in logs or clients.
             raise NotFound("unknown model: ListModels names the models this server hosts")
         return model
+
+
+def model_toml(config: ModelConfig, header: str, *, with_batching: bool = False) -> str:
+    """model.toml text for `config` (floats written with repr, so they load back exactly).
+
+    The writers of generated models (tools/train_digits.py, tools/make_cnn.py) share this, so what
+    they write is always what `ModelConfig.from_toml` reads.
+    """
+
+    def floats(values: tuple[float, ...]) -> str:
+        return "[" + ", ".join(repr(v) for v in values) + "]"
+
+    text = (
+        f"# {header}\n"
+        f'name = "{config.name}"\n'
+        f'version = "{config.version}"\n'
+        f"default = {'true' if config.default else 'false'}\n"
+        f'model_file = "{config.model_file}"\n'
+        f'labels_file = "{config.labels_file}"\n'
+        "\n"
+        "# input = (pixel * scale - mean[c]) / std[c], pixels 0..255 after conversion and resizing.\n"
+        "[input]\n"
+        f'name = "{config.input_name}"\n'
+        f'layout = "{config.layout.value}"\n'
+        f"width = {config.width}\n"
+        f"height = {config.height}\n"
+        f'color_mode = "{config.color_mode.value}"\n'
+        f"scale = {config.scale!r}\n"
+        f"mean = {floats(config.mean)}\n"
+        f"std = {floats(config.std)}\n"
+        "\n"
+        "[output]\n"
+        f'name = "{config.output_name}"\n'
+        f'kind = "{config.output_kind.value}"\n'
+    )
+    if with_batching:
+        batching = config.batching
+        text += (
+            "\n"
+            "[batching]\n"
+            f"enabled = {'true' if batching.enabled else 'false'}\n"
+            f"max_batch_size = {batching.max_batch_size}\n"
+            f"max_queue_delay_us = {batching.max_queue_delay_us}\n"
+            f"max_queue_size = {batching.max_queue_size}\n"
+        )
+    return text

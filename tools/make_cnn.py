@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.model import CONFIG_FILE, BatchingConfig, ColorMode, Layout, ModelConfig, OutputKind
+from server.model import CONFIG_FILE, BatchingConfig, ColorMode, Layout, ModelConfig, OutputKind, model_toml
 
 SIZE = 224
 LABELS = 1000
@@ -124,37 +124,8 @@ def build_cnn(*, size: int = SIZE, n_labels: int = LABELS, stages: tuple[tuple[i
 
 def config_toml(config: ModelConfig) -> str:
     """model.toml text for `config`, with its [batching] table written out in full."""
-    def floats(values: tuple[float, ...]) -> str:
-        return "[" + ", ".join(repr(v) for v in values) + "]"
-
-    batching = config.batching
-    return (
-        "# Written by `python -m tools.make_cnn`: random weights, for benchmarks only.\n"
-        f'name = "{config.name}"\n'
-        f'version = "{config.version}"\n'
-        f"default = {'true' if config.default else 'false'}\n"
-        f'model_file = "{config.model_file}"\n'
-        f'labels_file = "{config.labels_file}"\n'
-        "\n"
-        "[input]\n"
-        f'name = "{config.input_name}"\n'
-        f'layout = "{config.layout.value}"\n'
-        f"width = {config.width}\n"
-        f"height = {config.height}\n"
-        f'color_mode = "{config.color_mode.value}"\n'
-        f"scale = {config.scale!r}\n"
-        f"mean = {floats(config.mean)}\n"
-        f"std = {floats(config.std)}\n"
-        "\n"
-        "[output]\n"
-        f'name = "{config.output_name}"\n'
-        f'kind = "{config.output_kind.value}"\n'
-        "\n"
-        "[batching]\n"
-        f"enabled = {'true' if batching.enabled else 'false'}\n"
-        f"max_batch_size = {batching.max_batch_size}\n"
-        f"max_queue_delay_us = {batching.max_queue_delay_us}\n"
-        f"max_queue_size = {batching.max_queue_size}\n"
+    return model_toml(
+        config, "Written by `python -m tools.make_cnn`: random weights, for benchmarks only.", with_batching=True
     )
 
 

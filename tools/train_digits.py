@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from server.images import pixels_to_input
-from server.model import ColorMode, Layout, ModelConfig, OutputKind
+from server.model import ColorMode, Layout, ModelConfig, OutputKind, model_toml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "server" / "models" / "digits"
@@ -175,32 +175,9 @@ def build_onnx(weights: Weights) -> onnx.ModelProto:
 
 
 def config_toml(config: ModelConfig) -> str:
-    """model.toml text for `config` (floats written with repr, so they load back exactly)."""
-    def floats(values: tuple[float, ...]) -> str:
-        return "[" + ", ".join(repr(v) for v in values) + "]"
-
-    return (
-        "# Served by server/model.py; written by `python -m tools.train_digits` (do not edit by hand).\n"
-        f'name = "{config.name}"\n'
-        f'version = "{config.version}"\n'
-        f"default = {'true' if config.default else 'false'}\n"
-        f'model_file = "{config.model_file}"\n'
-        f'labels_file = "{config.labels_file}"\n'
-        "\n"
-        "# input = (pixel * scale - mean[c]) / std[c], pixels 0..255 after conversion and resizing.\n"
-        "[input]\n"
-        f'name = "{config.input_name}"\n'
-        f'layout = "{config.layout.value}"\n'
-        f"width = {config.width}\n"
-        f"height = {config.height}\n"
-        f'color_mode = "{config.color_mode.value}"\n'
-        f"scale = {config.scale!r}\n"
-        f"mean = {floats(config.mean)}\n"
-        f"std = {floats(config.std)}\n"
-        "\n"
-        "[output]\n"
-        f'name = "{config.output_name}"\n'
-        f'kind = "{config.output_kind.value}"\n'
+    """model.toml text for `config`."""
+    return model_toml(
+        config, "Served by server/model.py; written by `python -m tools.train_digits` (do not edit by hand)."
     )
 
 

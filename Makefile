@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m tools.gen_protos --check
+	$(BIN)/python -m aigis.tools.gen_protos --check
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -25,11 +25,11 @@ lint: $(STAMP)
 
 # Regenerate the committed protobuf/gRPC code from protos/**/*.proto.
 protos: $(STAMP)
-	$(BIN)/python -m tools.gen_protos
+	$(BIN)/python -m aigis.tools.gen_protos
 
 # Retrain the bundled digits model (deterministic: same seed, same bytes).
 model: $(STAMP)
-	$(BIN)/python -m tools.train_digits
+	$(BIN)/python -m aigis.tools.train_digits
 
 # The side-by-side benchmark (about 30 minutes); `--quick` runs in CI through tests/test_bench.py.
 bench: $(STAMP)

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from auth.audit_chain import (
+from aigis.auth.audit_chain import (
     GENESIS,
     AuditError,
     is_chained,

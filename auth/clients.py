@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from auth.files import replace_atomically
+from aigis.auth.files import replace_atomically
 
 REGISTRY_VERSION = 1
 

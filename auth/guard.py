@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from auth.decision import Decision, Reason
-from auth.identity import IdentityCache, IdentityError, PeerIdentity, RevocationList
-from auth.policy import Policy
-from auth.ratelimit import RateLimiter
-from auth.tokens import TokenError, TokenVerifier, VerifiedToken
+from aigis.auth.decision import Decision, Reason
+from aigis.auth.identity import IdentityCache, IdentityError, PeerIdentity, RevocationList
+from aigis.auth.policy import Policy
+from aigis.auth.ratelimit import RateLimiter
+from aigis.auth.tokens import TokenError, TokenVerifier, VerifiedToken
 
 log = logging.getLogger("aigis.guard")
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from auth.decision import Reason
+from aigis.auth.decision import Reason
 
 log = logging.getLogger("aigis.identity")
 

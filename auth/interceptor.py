@@ -26,12 +26,12 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from auth.audit import AuditLog, rfc3339_now
-from auth.decision import CLIENT_MESSAGES, Decision, Reason
-from auth.guard import Guard, Verdict
-from auth.policy import AuditCondition
-from server.errors import ResourceExhausted, ServiceError
-from server.metrics import Metrics
+from aigis.auth.audit import AuditLog, rfc3339_now
+from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
+from aigis.auth.guard import Guard, Verdict
+from aigis.auth.policy import AuditCondition
+from aigis.server.errors import ResourceExhausted, ServiceError
+from aigis.server.metrics import Metrics
 
 log = logging.getLogger("aigis.interceptor")
 

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auth.decision import Decision, Reason
-from auth.identity import PeerIdentity
-from auth.tokens import VerifiedToken
+from aigis.auth.decision import Decision, Reason
+from aigis.auth.identity import PeerIdentity
+from aigis.auth.tokens import VerifiedToken
 
 
 class PolicyError(ValueError):

@@ -28,7 +28,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from auth.pki import PkiPaths
+from aigis.auth.pki import PkiPaths
 
 log = logging.getLogger("aigis.tls")
 

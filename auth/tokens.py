@@ -59,7 +59,7 @@ from urllib.parse import urlparse
 import jwt
 from jwt import PyJWK, PyJWKClient, PyJWKSet
 
-from auth.decision import Reason
+from aigis.auth.decision import Reason
 
 log = logging.getLogger("aigis.tokens")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from auth.pki import PkiPaths
+from aigis.auth.pki import PkiPaths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("baseline", "aigis")
@@ -189,7 +189,7 @@ def start_servers(
                     "--audit-log", str(workdir / f"{tag}-{kind}-audit.jsonl"), "--ready-file", str(ready)]
             if profile_out is not None:
                 args += ["--profile-out", str(profile_out)]
-            pending.append((kind, Child(f"{tag}-{kind}-server", "benchmarks.server", args, workdir, pipes=False),
+            pending.append((kind, Child(f"{tag}-{kind}-server", "aigis.benchmarks.server", args, workdir, pipes=False),
                             ready))
         servers = []
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
@@ -251,7 +251,7 @@ def run_window(
     children: list[Child] = []
     try:
         for i, load in enumerate(loads):
-            child = Child(f"load-{server.kind}-{load.role}-{i}", "benchmarks.load", [], workdir)
+            child = Child(f"load-{server.kind}-{load.role}-{i}", "aigis.benchmarks.load", [], workdir)
             children.append(child)
             child.send({**load.spec, "target": server.target, "max_seconds": max_seconds,
                         "max_requests": MAX_REQUESTS_PER_PROCESS})

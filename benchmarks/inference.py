@@ -3,7 +3,7 @@
 `model_variant` copies a model directory and sets or removes its `[batching]` table;
 `write_null_model` writes a model with the same input and labels whose graph costs nothing
 (flatten + slice), so a server's ClassifyImage throughput with it is the RPC stack's own limit.
-Run as `python -m benchmarks.inference` (spec on stdin, one JSON line out) it times
+Run as `python -m aigis.benchmarks.inference` (spec on stdin, one JSON line out) it times
 `session.run` at batch 1 (latency) and at several batch sizes (throughput) in its own process.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from server.model import CONFIG_FILE, ModelConfig, ModelConfigError, read_labels
+from aigis.server.model import CONFIG_FILE, ModelConfig, ModelConfigError, read_labels
 
 BATCHING_TABLE = "batching"
 _TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\"']+)\s*\]\]?\s*(#.*)?$")
@@ -133,7 +133,7 @@ def measure_raw(model_dir: Path, batch_sizes: list[int], seconds: float, threads
     """session.run alone: batch-1 latency (one thread), then images/s per batch size (`threads`)."""
     import onnxruntime as ort
 
-    from server.model import session_options
+    from aigis.server.model import session_options
 
     config = ModelConfig.from_toml(model_dir / CONFIG_FILE)
     session = ort.InferenceSession(str(model_dir / config.model_file), sess_options=session_options(),

@@ -28,8 +28,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
 MODES = ("add", "classify", "flood")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import KINDS, REPO_ROOT
+from aigis.benchmarks.harness import KINDS, REPO_ROOT
 
 FIGURES = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "server_cpu_util", "client_cpu_util",
            "other_cpu_util")

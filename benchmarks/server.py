@@ -29,14 +29,14 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from auth.pki import PkiPaths
-from protos.aigis.calculator.v1 import calculator_pb2_grpc
-from protos.aigis.classifier.v1 import classifier_pb2_grpc
-from server.app import StartupError, grpc_options, server_credentials, start_server
-from server.calculator import CalculatorServicer
-from server.classifier import ImageClassificationServicer
-from server.config import Config, HostPort, IssuerSettings
-from server.model import ModelRegistry
+from aigis.auth.pki import PkiPaths
+from aigis.calculator.v1 import calculator_pb2_grpc
+from aigis.classifier.v1 import classifier_pb2_grpc
+from aigis.server.app import StartupError, grpc_options, server_credentials, start_server
+from aigis.server.calculator import CalculatorServicer
+from aigis.server.classifier import ImageClassificationServicer
+from aigis.server.config import Config, HostPort, IssuerSettings
+from aigis.server.model import ModelRegistry
 
 KINDS = ("baseline", "aigis")
 # Long enough that the one token the load generators share outlives any benchmark run.
@@ -159,7 +159,7 @@ async def run(kind: str, config: Config, ready_file: Path, profile_out: Path | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m aigis.benchmarks.server", description=__doc__)
     parser.add_argument("--kind", choices=KINDS, required=True)
     parser.add_argument("--certs", type=Path, required=True)
     parser.add_argument("--models", type=Path, required=True)

@@ -1,6 +1,6 @@
 """Throughput of `aigis serve --workers 1` vs `--workers 2` (issue: scale past one process).
 
-    python -m benchmarks.workers [--rounds 3] [--seconds 4] [--clients 4] [--in-flight 32]
+    python -m aigis.benchmarks.workers [--rounds 3] [--seconds 4] [--clients 4] [--in-flight 32]
 
 Alternating rounds (1 worker, 2 workers, 1, 2, ...) on loopback; each round starts a fresh
 `aigis serve --workers N` and drives Calculator.Add from several load-generator processes
@@ -41,7 +41,7 @@ def one_round(pki: object, work: Path, workers: int, clients: int, in_flight: in
     ready = work / f"ready-{workers}-{time.monotonic_ns()}.json"
     with (work / "serve.log").open("a") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
+            [sys.executable, "-m", "aigis.tools.cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
              "--certs", str(pki.root), "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0",  # type: ignore[attr-defined]
              "--metrics-listen", "off", "--audit-log", str(work / "audit.jsonl"), "--ready-file", str(ready)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -62,7 +62,7 @@ def one_round(pki: object, work: Path, workers: int, clients: int, in_flight: in
             "call_timeout": 10.0, "image": None, "forge": None,
         }  # fmt: skip
         for _ in range(clients):
-            p = subprocess.Popen([sys.executable, "-m", "benchmarks.load"], cwd=REPO, text=True,
+            p = subprocess.Popen([sys.executable, "-m", "aigis.benchmarks.load"], cwd=REPO, text=True,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             assert p.stdin is not None
             p.stdin.write(json.dumps(spec) + "\n")
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=32)
     args = parser.parse_args(argv)
-    from auth.pki import PkiPaths
-    from tools.certs import init_pki
+    from aigis.auth.pki import PkiPaths
+    from aigis.tools.certs import init_pki
 
     with tempfile.TemporaryDirectory(prefix="aigis-workers-") as tmp:
         work = Path(tmp)

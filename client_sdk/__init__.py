@@ -1,6 +1,6 @@
 """aigis client SDK: typed sync and asyncio clients over mutual TLS with OAuth2 bearer tokens.
 
-    from client_sdk import Client, ClientCredentials
+    from aigis.client_sdk import Client, ClientCredentials
 
     tokens = ClientCredentials("https://issuer:8443/oauth2/token", ca="certs/ca.pem",
                                cert="certs/clients/demo.pem", key="certs/clients/demo-key.pem")
@@ -11,9 +11,9 @@
 Failures are `AigisError` subclasses carrying the status code and the server's request id.
 """
 
-from client_sdk.aio import AsyncClient
-from client_sdk.client import Client
-from client_sdk.errors import (
+from aigis.client_sdk.aio import AsyncClient
+from aigis.client_sdk.client import Client
+from aigis.client_sdk.errors import (
     STATUS_ERRORS,
     AigisError,
     AuthenticationError,
@@ -31,8 +31,8 @@ from client_sdk.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from client_sdk.tokens import ClientCredentials, StaticToken, TokenProvider
-from client_sdk.types import Classification, LabelProbability, ModelInfo, SumResult
+from aigis.client_sdk.tokens import ClientCredentials, StaticToken, TokenProvider
+from aigis.client_sdk.types import Classification, LabelProbability, ModelInfo, SumResult
 
 __all__ = [
     "STATUS_ERRORS",

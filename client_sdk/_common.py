@@ -11,8 +11,8 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from client_sdk.errors import TokenError
-from client_sdk.tokens import TokenProvider
+from aigis.client_sdk.errors import TokenError
+from aigis.client_sdk.tokens import TokenProvider
 
 PemSource = str | PathLike[str] | bytes
 ImageSource = bytes | str | PathLike[str]

@@ -25,7 +25,9 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_sdk._common import (
+from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.client_sdk._common import (
     Deadline,
     ImageSource,
     PemSource,
@@ -37,11 +39,9 @@ from client_sdk._common import (
     read_image,
     retry_after_refusal,
 )
-from client_sdk.errors import StatusLostError, error_from_rpc, status_lost
-from client_sdk.tokens import TokenProvider
-from client_sdk.types import Classification, ModelInfo, SumResult
-from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.client_sdk.errors import StatusLostError, error_from_rpc, status_lost
+from aigis.client_sdk.tokens import TokenProvider
+from aigis.client_sdk.types import Classification, ModelInfo, SumResult
 
 T = TypeVar("T")
 M = TypeVar("M")

@@ -19,7 +19,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_sdk._common import (
+from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.client_sdk._common import (
     Deadline,
     ImageSource,
     PemSource,
@@ -32,11 +34,9 @@ from client_sdk._common import (
     read_image,
     retry_after_refusal,
 )
-from client_sdk.errors import error_from_rpc
-from client_sdk.tokens import TokenProvider
-from client_sdk.types import Classification, ModelInfo, SumResult
-from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.client_sdk.errors import error_from_rpc
+from aigis.client_sdk.tokens import TokenProvider
+from aigis.client_sdk.types import Classification, ModelInfo, SumResult
 
 # One attempt's request: a message, or a stream of them.
 _Payload = Any

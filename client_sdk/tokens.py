@@ -24,7 +24,7 @@ from datetime import timedelta
 from os import PathLike
 from typing import Protocol, runtime_checkable
 
-from client_sdk.errors import TokenError
+from aigis.client_sdk.errors import TokenError
 
 # RFC 6750 §2.1 b64token: the only characters a bearer token may have. Checking it also keeps a
 # hostile token endpoint from injecting header lines through the token.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protos.aigis.calculator.v1 import calculator_pb2
-from protos.aigis.classifier.v1 import classifier_pb2
+from aigis.calculator.v1 import calculator_pb2
+from aigis.classifier.v1 import classifier_pb2
 
 
 @dataclass(frozen=True, slots=True)

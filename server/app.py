@@ -23,24 +23,24 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
-from auth.audit import AuditError, AuditLog
-from auth.clients import load_registry
-from auth.guard import Guard
-from auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
-from auth.interceptor import SecuredRegistrar, SecurityInterceptor
-from auth.issuer import IssuerConfig, IssuerServer
-from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
-from auth.policy import Policy
-from auth.ratelimit import RateLimit, RateLimiter
-from auth.tls import TlsCredentialStore, TlsError
-from auth.tokens import TokenVerifier, TrustedIssuer
-from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
-from server.calculator import CalculatorServicer
-from server.classifier import ImageClassificationServicer
-from server.config import Config
-from server.metrics import Metrics
-from server.model import ModelRegistry
+from aigis.auth.audit import AuditError, AuditLog
+from aigis.auth.clients import load_registry
+from aigis.auth.guard import Guard
+from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
+from aigis.auth.interceptor import SecuredRegistrar, SecurityInterceptor
+from aigis.auth.issuer import IssuerConfig, IssuerServer
+from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
+from aigis.auth.policy import Policy
+from aigis.auth.ratelimit import RateLimit, RateLimiter
+from aigis.auth.tls import TlsCredentialStore, TlsError
+from aigis.auth.tokens import TokenVerifier, TrustedIssuer
+from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.server.calculator import CalculatorServicer
+from aigis.server.classifier import ImageClassificationServicer
+from aigis.server.config import Config
+from aigis.server.metrics import Metrics
+from aigis.server.model import ModelRegistry
 
 log = logging.getLogger("aigis.server")
 

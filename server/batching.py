@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from server.errors import ResourceExhausted, ServiceError
-from server.model import BatchingConfig, OnnxClassifier
+from aigis.server.errors import ResourceExhausted, ServiceError
+from aigis.server.model import BatchingConfig, OnnxClassifier
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 from grpc import aio
 
-from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from server.errors import InvalidArgument, OutOfRange
+from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from aigis.server.errors import InvalidArgument, OutOfRange
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1

@@ -16,12 +16,12 @@ from concurrent.futures import Executor
 import numpy as np
 from grpc import aio
 
-from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
-from server import images
-from server.batching import DynamicBatcher
-from server.errors import InvalidArgument
-from server.images import DEFAULT_LIMITS, ImageLimits
-from server.model import ModelRegistry, OnnxClassifier
+from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.server import images
+from aigis.server.batching import DynamicBatcher
+from aigis.server.errors import InvalidArgument
+from aigis.server.images import DEFAULT_LIMITS, ImageLimits
+from aigis.server.model import ModelRegistry, OnnxClassifier
 
 # Raw images and model inputs up to this many values are prepared on the event loop in the batched
 # path (see _cheap_to_prepare): 64x64 raw pixels into the 8x8 digits model measured ~22 µs.

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from server.errors import InvalidArgument
-from server.model import ColorMode, Layout, ModelConfig
+from aigis.server.errors import InvalidArgument
+from aigis.server.model import ColorMode, Layout, ModelConfig
 
 ALLOWED_FORMATS = ("PNG", "JPEG")
 # Pillow opens 16-bit grayscale PNGs in these modes; converting them to "L" would clip, not scale.

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import NotFound
+from aigis.server.errors import NotFound
 
 CONFIG_FILE = "model.toml"
 MAX_IMAGE_SIDE = 4096

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.config import Config, HostPort
+from aigis.server.config import Config, HostPort
 
 log = logging.getLogger("aigis.workers")
 READY_TIMEOUT_SECONDS = 60.0
@@ -54,7 +54,7 @@ def _worker_main(config: Config, conn: multiprocessing.connection.Connection, lo
     """Entry point of one worker process (spawned, so nothing is inherited but `config`)."""
     import asyncio
 
-    from server.app import StartupError, serve
+    from aigis.server.app import StartupError, serve
 
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s w{config.worker_id} %(name)s: %(message)s")
 

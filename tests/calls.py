@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 
-from protos.aigis.calculator.v1 import calculator_pb2 as calc
-from protos.aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
+from aigis.calculator.v1 import calculator_pb2 as calc
+from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
 
 REQUEST_ID_KEY = "aigis-request-id"
 
@@ -135,7 +135,7 @@ def png_digit_request(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
     """Classify the bundled sample digit 7; returns the ClassificationResult."""
     from pathlib import Path
 
-    from protos.aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+    from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 
     sample = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples" / "7.png"
     stub = classifier_pb2_grpc.ImageClassificationServiceStub(ch)

@@ -15,7 +15,7 @@ from typing import Any
 
 from conftest import CALC, PREDICT, RunningStack, ServerThread, make_pki, stack_config
 
-from tools.certs import issue_client
+from aigis.tools.certs import issue_client
 
 
 @contextmanager

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jwt_factory import REMOVE
 from private_stack import private_stack
 
-from protos.aigis.classifier.v1 import classifier_pb2 as cls
-from protos.aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
+from aigis.classifier.v1 import classifier_pb2 as cls
+from aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
 
 CALCULATOR = "/aigis.calculator.v1.Calculator/*"
 CLIENT = "spiffe://aigis.local/client/"

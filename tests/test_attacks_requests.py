@@ -27,11 +27,11 @@ from jwt_factory import generate_key
 from PIL import Image
 from private_stack import private_stack
 
-from protos.aigis.calculator.v1 import calculator_pb2 as calc
-from protos.aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
-from protos.aigis.classifier.v1 import classifier_pb2 as cls
-from protos.aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
-from server.config import Limits
+from aigis.calculator.v1 import calculator_pb2 as calc
+from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
+from aigis.classifier.v1 import classifier_pb2 as cls
+from aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
+from aigis.server.config import Limits
 
 STREAM_CAP = 16  # max_stream_messages on the private server
 INT32_MAX = 2**31 - 1

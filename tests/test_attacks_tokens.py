@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from forge import ALL_SCOPES, factory, real_key, valid_claims
 from jwt_factory import REMOVE, b64url, generate_key, hs256_token, raw_token, replace_segment, tamper_claims
 
-from auth.tokens import MAX_AUTHORIZATION_CHARS
+from aigis.auth.tokens import MAX_AUTHORIZATION_CHARS
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 KINDS = ["unary", "bidi"]

@@ -26,8 +26,8 @@ import pytest
 from calls import RPC_KINDS, channel, run
 from conftest import make_pki, stack_config
 
-from auth.audit import OVERFLOW_EVENT, AuditError, AuditLog, read_records
-from auth.audit_chain import (
+from aigis.auth.audit import OVERFLOW_EVENT, AuditError, AuditLog, read_records
+from aigis.auth.audit_chain import (
     GENESIS,
     VerifyReport,
     canonical_json,
@@ -37,10 +37,10 @@ from auth.audit_chain import (
     verify_log,
     write_new_key,
 )
-from server.app import StartupError, start_server
-from server.config import ConfigError, config_from_mapping
-from tools.audit_cmd import summarize
-from tools.cli import main
+from aigis.server.app import StartupError, start_server
+from aigis.server.config import ConfigError, config_from_mapping
+from aigis.tools.audit_cmd import summarize
+from aigis.tools.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 A59_FIELDS = {
@@ -347,7 +347,7 @@ def test_restart_refuses_an_unchained_tail(log_path: Path) -> None:
 CRASH_WRITER = """
 import sys, time
 from pathlib import Path
-from auth.audit import AuditLog
+from aigis.auth.audit import AuditLog
 path, key, max_bytes, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 audit = AuditLog(path, hmac_key_file=key, max_bytes=max_bytes, fsync=False)
 audit.start()
@@ -362,7 +362,15 @@ time.sleep(60)
 
 
 def _log_bytes(base: Path) -> int:
-    return sum(p.stat().st_size for writer in log_layout(base) for p in writer.files)
+    """Bytes in every file of the log; a file renamed by rotation between listing and stat counts 0."""
+    total = 0
+    for writer in log_layout(base):
+        for p in writer.files:
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def test_kill_9_mid_write_leaves_a_verifiable_log_and_the_chain_continues(log_path: Path, key_file: Path) -> None:
@@ -464,7 +472,7 @@ def test_overflow_under_a_live_flood_accounts_for_every_record(log_path: Path) -
 WRITE_FAILURE = """
 import json, resource, signal, sys
 from pathlib import Path
-from auth.audit import AuditLog
+from aigis.auth.audit import AuditLog
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 path = Path(sys.argv[1])
 denial = lambda i: {"timestamp": "2026-11-25T10:00:00.000Z", "request_id": "%032x" % i, "authorized": False,

@@ -25,14 +25,14 @@ from calls import bearer, channel, issuer_token
 from onnx import TensorProto, helper
 from PIL import Image
 
-from protos.aigis.classifier.v1 import classifier_pb2 as cls
-from protos.aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
-from server import images
-from server.batching import BatcherClosed, DynamicBatcher, executor_workers
-from server.classifier import ImageClassificationServicer
-from server.errors import ResourceExhausted
-from server.model import BatchingConfig, ModelConfig, ModelConfigError, ModelRegistry, OnnxClassifier
-from tools import make_cnn, train_digits
+from aigis.classifier.v1 import classifier_pb2 as cls
+from aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
+from aigis.server import images
+from aigis.server.batching import BatcherClosed, DynamicBatcher, executor_workers
+from aigis.server.classifier import ImageClassificationServicer
+from aigis.server.errors import ResourceExhausted
+from aigis.server.model import BatchingConfig, ModelConfig, ModelConfigError, ModelRegistry, OnnxClassifier
+from aigis.tools import make_cnn, train_digits
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "server" / "models" / "digits"
 LONG = 10_000_000  # µs: a delay no test waits out, so only a full batch can dispatch
@@ -550,7 +550,7 @@ def test_cnn_generator_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_cnn_cli_writes_a_loadable_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m tools.make_cnn OUT --batching` writes OUT/<name>/ with batching enabled."""
+    """`python -m aigis.tools.make_cnn OUT --batching` writes OUT/<name>/ with batching enabled."""
     assert make_cnn.main([str(tmp_path), "--name", "tiny", "--size", "16", "--labels", "3", "--hidden", "8,4",
                           "--batching", "--max-batch-size", "8", "--max-queue-delay-us", "200"]) == 0
     assert capsys.readouterr().out == f"wrote {tmp_path / 'tiny'}\n"

@@ -24,9 +24,9 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from auth.clients import ClientRegistry, RegistryError, load_registry, save_registry, verify_secret
-from auth.pki import PkiPaths
-from tools.certs import (
+from aigis.auth.clients import ClientRegistry, RegistryError, load_registry, save_registry, verify_secret
+from aigis.auth.pki import PkiPaths
+from aigis.tools.certs import (
     DEMO_SCOPES,
     AlreadyExistsError,
     PkiError,
@@ -36,7 +36,7 @@ from tools.certs import (
     load_crl_serials,
     revoke_client,
 )
-from tools.cli import main as cli_main
+from aigis.tools.cli import main as cli_main
 
 # A pinned clock for everything that does not need a live TLS handshake.
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

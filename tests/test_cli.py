@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tools.audit_cmd import parse_since, select
-from tools.cli import main
+from aigis.tools.audit_cmd import parse_since, select
+from aigis.tools.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def aigis(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tools.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "aigis.tools.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
 
 

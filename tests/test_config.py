@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Config, ConfigError, HostPort, load_config
+from aigis.server.config import Config, ConfigError, HostPort, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

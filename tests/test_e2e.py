@@ -13,10 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from protos.aigis.calculator.v1 import calculator_pb2 as calc
-from protos.aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
-from protos.aigis.classifier.v1 import classifier_pb2 as cls
-from protos.aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
+from aigis.calculator.v1 import calculator_pb2 as calc
+from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
+from aigis.classifier.v1 import classifier_pb2 as cls
+from aigis.classifier.v1 import classifier_pb2_grpc as cls_grpc
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -119,7 +119,7 @@ def test_fibonacci_reaches_the_int32_limit(stack: Any, token: Any) -> None:
 
 def test_classify_image_and_stream_and_list_models(stack: Any, token: Any) -> None:
     """ClassifyImage, ClassifyStream and ListModels answer for an allowed caller."""
-    from tools.train_digits import heldout_split
+    from aigis.tools.train_digits import heldout_split
 
     images, labels = heldout_split()
     with channel(stack, "demo") as ch:
@@ -143,7 +143,7 @@ def test_classify_image_and_stream_and_list_models(stack: Any, token: Any) -> No
 
 def test_heldout_accuracy_through_grpc(stack: Any, token: Any) -> None:
     """The bundled model classifies the held-out digits split at >= 95% through the secured gRPC path."""
-    from tools.train_digits import heldout_split
+    from aigis.tools.train_digits import heldout_split
 
     images, labels = heldout_split()
     with channel(stack, "demo") as ch:

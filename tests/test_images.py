@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.errors import InvalidArgument
-from server.images import ImageLimits, decode_image, image_to_input, pixels_to_input, prepare
-from server.model import ColorMode, Layout, ModelConfig, OutputKind
+from aigis.server.errors import InvalidArgument
+from aigis.server.images import ImageLimits, decode_image, image_to_input, pixels_to_input, prepare
+from aigis.server.model import ColorMode, Layout, ModelConfig, OutputKind
 
 GRAY8 = ModelConfig(
     name="gray", version="1", input_name="x", layout=Layout.FLAT, width=8, height=8,

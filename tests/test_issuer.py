@@ -25,8 +25,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from auth.clients import RegisteredClient
-from auth.issuer import (
+from aigis.auth.clients import RegisteredClient
+from aigis.auth.issuer import (
     JWKS_PATH,
     METADATA_PATH,
     TOKEN_PATH,
@@ -38,8 +38,8 @@ from auth.issuer import (
     TokenService,
     granted_scopes,
 )
-from auth.pki import PkiPaths
-from tools.certs import init_pki, issue_client, public_jwk, revoke_client
+from aigis.auth.pki import PkiPaths
+from aigis.tools.certs import init_pki, issue_client, public_jwk, revoke_client
 
 FORM = "application/x-www-form-urlencoded"
 GRANT = "grant_type=client_credentials"

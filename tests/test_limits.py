@@ -12,10 +12,10 @@ import grpc
 import pytest
 from calls import RPC_KINDS, bearer, channel, issuer_token, numbers, run
 
-from protos.aigis.calculator.v1 import calculator_pb2 as calc
-from protos.aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
-from server.app import grpc_options
-from server.config import Config, Limits
+from aigis.calculator.v1 import calculator_pb2 as calc
+from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
+from aigis.server.app import grpc_options
+from aigis.server.config import Config, Limits
 
 
 def limited(start_stack: Any, **limits: Any) -> Any:

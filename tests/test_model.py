@@ -17,11 +17,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from protos.aigis.classifier.v1 import classifier_pb2
-from server import images
-from server.classifier import ImageClassificationServicer, resolve_top_k
-from server.errors import InvalidArgument, NotFound
-from server.model import (
+from aigis.classifier.v1 import classifier_pb2
+from aigis.server import images
+from aigis.server.classifier import ImageClassificationServicer, resolve_top_k
+from aigis.server.errors import InvalidArgument, NotFound
+from aigis.server.model import (
     ColorMode,
     Layout,
     ModelConfig,
@@ -30,7 +30,7 @@ from server.model import (
     OnnxClassifier,
     OutputKind,
 )
-from tools import train_digits
+from aigis.tools import train_digits
 
 DIGITS_DIR = Path(__file__).resolve().parent.parent / "server" / "models" / "digits"
 RGB_LABELS = ("red", "green", "blue")

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from jwt_factory import AUDIENCE, ISSUER, NOW, REMOVE, TokenFactory, generate_key, write_jwks
 
-from auth.decision import Decision, Reason
-from auth.identity import PeerIdentity
-from auth.policy import AuditCondition, Policy, PolicyError, StringMatcher, header_view
-from auth.tokens import TokenVerifier, TrustedIssuer, VerifiedToken
+from aigis.auth.decision import Decision, Reason
+from aigis.auth.identity import PeerIdentity
+from aigis.auth.policy import AuditCondition, Policy, PolicyError, StringMatcher, header_view
+from aigis.auth.tokens import TokenVerifier, TrustedIssuer, VerifiedToken
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "server" / "policy.json"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from protos.aigis.calculator.v1 import calculator_pb2
-from protos.aigis.classifier.v1 import classifier_pb2
-from tools.gen_protos import stale_files
+from aigis.calculator.v1 import calculator_pb2
+from aigis.classifier.v1 import classifier_pb2
+from aigis.tools.gen_protos import stale_files
 
 
 def test_generated_code_is_not_stale() -> None:

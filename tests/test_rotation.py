@@ -32,17 +32,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jwt import PyJWKSet
 
-from auth.clients import load_registry
-from auth.issuer import TokenService
-from auth.pki import PkiPaths
-from auth.tls import TlsCredentialStore, TlsError, load_tls_material
-from auth.tokens import load_jwks_file
-from server.app import StartupError, start_server
-from tests.calls import RPC_KINDS, Outcome, bearer, channel, issuer_token, run
-from tests.conftest import stack_config
-from tools import certs
-from tools.cli import main as cli_main
-from tools.keys import (
+from aigis.auth.clients import load_registry
+from aigis.auth.issuer import TokenService
+from aigis.auth.pki import PkiPaths
+from aigis.auth.tls import TlsCredentialStore, TlsError, load_tls_material
+from aigis.auth.tokens import load_jwks_file
+from aigis.server.app import StartupError, start_server
+from aigis.tools import certs
+from aigis.tools.cli import main as cli_main
+from aigis.tools.keys import (
     RETIRED_KEY_GRACE,
     KeyRecord,
     KeyRotationError,
@@ -53,6 +51,8 @@ from tools.keys import (
     rotate_signing_key,
     rotated,
 )
+from tests.calls import RPC_KINDS, Outcome, bearer, channel, issuer_token, run
+from tests.conftest import stack_config
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)
@@ -71,8 +71,8 @@ def pki(tmp_path: Path) -> PkiPaths:
 @pytest.fixture
 def polled_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only reload_now polls the server's files; the issuer looks at its TLS files on every accept."""
-    monkeypatch.setattr("server.app.RELOAD_INTERVAL_SECONDS", 3600.0)
-    monkeypatch.setattr("auth.issuer.TLS_CHECK_INTERVAL_S", 0.0)
+    monkeypatch.setattr("aigis.server.app.RELOAD_INTERVAL_SECONDS", 3600.0)
+    monkeypatch.setattr("aigis.auth.issuer.TLS_CHECK_INTERVAL_S", 0.0)
 
 
 def _kids(jwks: dict[str, Any]) -> list[str]:

@@ -25,9 +25,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from PIL import Image
 
-from auth.issuer import x5t_s256
-from auth.pki import PkiPaths
-from client_sdk import (
+from aigis.auth.issuer import x5t_s256
+from aigis.auth.pki import PkiPaths
+from aigis.client_sdk import (
     STATUS_ERRORS,
     AigisError,
     AsyncClient,
@@ -53,9 +53,9 @@ from client_sdk import (
     UnavailableError,
     UnimplementedError,
 )
-from client_sdk.errors import REQUEST_ID_KEY, error_from_rpc, error_from_status, status_lost
+from aigis.client_sdk.errors import REQUEST_ID_KEY, error_from_rpc, error_from_status, status_lost
+from aigis.tools.certs import init_pki
 from tests.conftest import CALC, PREDICT, RunningStack
-from tools.certs import init_pki
 
 SAMPLES = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples"
 SCOPES = {"demo": (CALC, PREDICT), "reader": (PREDICT,), "secret-client": (CALC, PREDICT)}

@@ -38,8 +38,8 @@ from jwt_factory import (
     write_jwks,
 )
 
-from auth.decision import Reason
-from auth.tokens import (
+from aigis.auth.decision import Reason
+from aigis.auth.tokens import (
     KeySetError,
     TokenError,
     TokenVerifier,

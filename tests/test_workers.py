@@ -35,7 +35,7 @@ def test_two_workers_share_one_port(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "serve", "--workers", "2", "--certs", str(pki.root),
+            [sys.executable, "-m", "aigis.tools.cli", "serve", "--workers", "2", "--certs", str(pki.root),
              "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              "--audit-log", str(tmp_path / "audit.jsonl"), "--ready-file", str(ready)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT,

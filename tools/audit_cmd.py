@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from auth.audit import OVERFLOW_EVENT
-from auth.audit_chain import (
+from aigis.auth.audit import OVERFLOW_EVENT
+from aigis.auth.audit_chain import (
     AuditError,
     VerifyReport,
     load_hmac_key,

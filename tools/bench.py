@@ -45,9 +45,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from auth.clients import load_registry
-from auth.pki import PkiPaths
-from benchmarks.harness import (
+from aigis.auth.clients import load_registry
+from aigis.auth.pki import PkiPaths
+from aigis.benchmarks.harness import (
     KINDS,
     MAX_REQUESTS_PER_PROCESS,
     READY_TIMEOUT_SECONDS,
@@ -62,7 +62,7 @@ from benchmarks.harness import (
     start_servers,
     wait_for_quiet,
 )
-from benchmarks.report import (
+from aigis.benchmarks.report import (
     classifier_notes,
     fmt,
     machine_info,
@@ -127,7 +127,7 @@ QUICK = Settings(rounds=1, seconds=1.0, warmup=0.3, in_flight=(1, 16), raw_batch
 
 def fetch_token(server: ServerProc, pki: PkiPaths) -> str:
     """A real access token from the aigis server's embedded issuer (client credentials over mTLS)."""
-    from client_sdk import AigisError, ClientCredentials
+    from aigis.client_sdk import AigisError, ClientCredentials
 
     assert server.token_url is not None
     try:
@@ -177,7 +177,7 @@ def request_image(model_dir: Path) -> dict[str, Any]:
     """A request at the model's own input size: raw grayscale bytes for L models, a PNG for RGB."""
     import numpy as np
 
-    from server.model import CONFIG_FILE, ColorMode, ModelConfig
+    from aigis.server.model import CONFIG_FILE, ColorMode, ModelConfig
 
     config = ModelConfig.from_toml(model_dir / CONFIG_FILE)
     rng = np.random.default_rng(7)
@@ -196,7 +196,7 @@ def request_image(model_dir: Path) -> dict[str, Any]:
 
 def prepare_model(source: Path, root: Path, settings: Settings) -> ModelSetup:
     """Copy `source` into off/on/null variants under `root` (each its own models directory)."""
-    from benchmarks.inference import batching_table, config_refusal, model_variant, write_null_model
+    from aigis.benchmarks.inference import batching_table, config_refusal, model_variant, write_null_model
 
     if not (source / "model.toml").is_file():
         raise BenchError(f"{source}: not a model directory (no model.toml)")
@@ -355,7 +355,7 @@ class Suite:
         with machine_lock(s.lock_wait):
             if s.quiet_wait > 0:
                 wait_for_quiet(s.quiet_wait)
-            child = Child(f"raw-{model.name}", "benchmarks.inference", [], self.workdir)
+            child = Child(f"raw-{model.name}", "aigis.benchmarks.inference", [], self.workdir)
             try:
                 child.send({"model_dir": str(model.dirs["off"] / model.name),
                             "batch_sizes": list(s.raw_batch_sizes), "seconds": s.raw_seconds,
@@ -376,7 +376,7 @@ class Suite:
 def generate_cnn(root: Path) -> Path:
     """A random-weight 224x224 RGB CNN (milliseconds per image), where batching can matter."""
     try:
-        from tools.make_cnn import write_cnn
+        from aigis.tools.make_cnn import write_cnn
     except ImportError as exc:
         raise BenchError(f"--cnn needs tools/make_cnn.py: {exc}") from None
     return write_cnn(root)
@@ -385,7 +385,7 @@ def generate_cnn(root: Path) -> Path:
 def make_pki(root: Path) -> PkiPaths:
     """A throwaway PKI: CA, server, `demo` (both scopes) and `flood` (a valid certificate whose
     tokens will be forged)."""
-    from tools.certs import init_pki, issue_client
+    from aigis.tools.certs import init_pki, issue_client
 
     pki = PkiPaths(root)
     now = datetime.now(UTC)
@@ -568,7 +568,7 @@ def _families(text: str) -> tuple[str, ...]:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from server.config import BUNDLED_MODELS
+    from aigis.server.config import BUNDLED_MODELS
 
     base = QUICK if args.quick else Settings()
     changes: dict[str, Any] = {"model_dirs": tuple(p.resolve() for p in args.model_dir or [BUNDLED_MODELS / "digits"])}

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import ECAlgorithm
 
-from auth.clients import (
+from aigis.auth.clients import (
     CLIENT_NAME_RE,
     SCOPE_TOKEN_RE,
     ClientRegistry,
@@ -39,8 +39,8 @@ from auth.clients import (
     load_registry,
     save_registry,
 )
-from auth.files import replace_atomically
-from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths, client_spiffe_id
+from aigis.auth.files import replace_atomically
+from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths, client_spiffe_id
 
 ORGANIZATION = "aigis"
 DEMO_CLIENT = "demo"

@@ -11,8 +11,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
-from tools import certs
+from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
+from aigis.tools import certs
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

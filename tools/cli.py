@@ -11,16 +11,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from auth.pki import PkiPaths
-from tools import audit_cmd, bench, certs_cmd, keys_cmd
+from aigis.auth.pki import PkiPaths
+from aigis.tools import audit_cmd, bench, certs_cmd, keys_cmd
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_ISSUER = "https://localhost:8443"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import StartupError, serve
-    from server.config import ConfigError, load_config
+    from aigis.server.app import StartupError, serve
+    from aigis.server.config import ConfigError, load_config
 
     try:
         config = load_config(
@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
             os.replace(tmp, args.ready_file)
 
     if config.workers > 1:
-        from server.workers import run_workers
+        from aigis.server.workers import run_workers
 
         def workers_ready(infos: list) -> None:  # type: ignore[type-arg]
             first = infos[0]
@@ -83,7 +83,7 @@ def _client_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def _token_provider(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from client_sdk import ClientCredentials
+    from aigis.client_sdk import ClientCredentials
 
     ca, cert, key = _client_paths(args)
     return ClientCredentials(
@@ -92,7 +92,7 @@ def _token_provider(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _token(args: argparse.Namespace) -> int:
-    from client_sdk import AigisError
+    from aigis.client_sdk import AigisError
 
     try:
         print(_token_provider(args).token())
@@ -103,7 +103,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
-    from client_sdk import AigisError, Client
+    from aigis.client_sdk import AigisError, Client
 
     ca, cert, key = _client_paths(args)
     try:
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole flow on a throwaway directory")
     demo.add_argument("--dir", type=Path, help="keep everything here instead of a temporary directory")
-    demo.set_defaults(func=lambda args: __import__("tools.demo", fromlist=["main"]).main(args.dir))
+    demo.set_defaults(func=lambda args: __import__("aigis.tools.demo", fromlist=["main"]).main(args.dir))
     return parser
 
 

@@ -20,12 +20,12 @@ from typing import Any
 import grpc
 import jwt
 
-from auth.audit import read_records
-from auth.pki import PkiPaths
-from client_sdk import AigisError, Client, ClientCredentials
-from protos.aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
-from tools import audit_cmd
-from tools.certs import init_pki, issue_client, revoke_client
+from aigis.auth.audit import read_records
+from aigis.auth.pki import PkiPaths
+from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
+from aigis.client_sdk import AigisError, Client, ClientCredentials
+from aigis.tools import audit_cmd
+from aigis.tools.certs import init_pki, issue_client, revoke_client
 
 SAMPLE_DIGIT = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples" / "7.png"
 READY_TIMEOUT_SECONDS = 60.0
@@ -44,7 +44,7 @@ class ServerProcess:
         self.audit_log = work / "audit.jsonl"
         self.log = (work / "server.log").open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "serve", "--certs", str(pki.root),
+            [sys.executable, "-m", "aigis.tools.cli", "serve", "--certs", str(pki.root),
              "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              "--audit-log", str(self.audit_log), "--ready-file", str(self.ready_file)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,

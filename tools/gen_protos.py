@@ -1,6 +1,6 @@
 """Regenerate the committed gRPC/protobuf code under protos/ from the .proto sources.
 
-Run from anywhere: ``python -m tools.gen_protos`` (``make protos``). ``--check`` compares instead of
+Run from anywhere: ``python -m aigis.tools.gen_protos`` (``make protos``). ``--check`` compares instead of
 writing, so a test can fail when the committed code is stale.
 """
 
@@ -19,8 +19,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def proto_files() -> list[Path]:
-    """Every .proto source, relative to the repository root (so imports come out qualified)."""
-    return sorted(p.relative_to(REPO_ROOT) for p in PROTO_ROOT.rglob("*.proto"))
+    """Every .proto source, relative to protos/ (so imports come out as the proto package: aigis.x.v1)."""
+    return sorted(p.relative_to(PROTO_ROOT) for p in PROTO_ROOT.rglob("*.proto"))
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -31,12 +31,12 @@ def generate(out_dir: Path) -> list[Path]:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "protoc",
-        f"-I{REPO_ROOT}",
+        f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *[str(REPO_ROOT / p) for p in proto_files()],
+        *[str(PROTO_ROOT / p) for p in proto_files()],
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed")
@@ -45,7 +45,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def committed() -> list[Path]:
     return sorted(
-        p.relative_to(REPO_ROOT) for p in PROTO_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
+        p.relative_to(PROTO_ROOT) for p in PROTO_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
     )
 
 
@@ -53,8 +53,8 @@ def stale_files() -> list[str]:
     """Generated files that differ from, are missing from, or are extra in the committed tree."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        problems = [str(p) for p in fresh if not (REPO_ROOT / p).exists()
-                    or not filecmp.cmp(Path(tmp) / p, REPO_ROOT / p, shallow=False)]
+        problems = [str(p) for p in fresh if not (PROTO_ROOT / p).exists()
+                    or not filecmp.cmp(Path(tmp) / p, PROTO_ROOT / p, shallow=False)]
         problems += [f"{p} (no longer generated)" for p in set(committed()) - set(fresh)]
         return sorted(problems)
 
@@ -63,12 +63,12 @@ def write() -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
         for p in set(committed()) - set(fresh):
-            (REPO_ROOT / p).unlink()
+            (PROTO_ROOT / p).unlink()
         for p in fresh:
-            shutil.copyfile(Path(tmp) / p, REPO_ROOT / p)
+            shutil.copyfile(Path(tmp) / p, PROTO_ROOT / p)
     # protoc writes no __init__.py; the generated modules import each other by package path.
-    for directory in {(REPO_ROOT / p).parent for p in fresh}:
-        while directory != REPO_ROOT:
+    for directory in {(PROTO_ROOT / p).parent for p in fresh}:
+        while directory != PROTO_ROOT:
             (directory / "__init__.py").touch()
             directory = directory.parent
     return fresh

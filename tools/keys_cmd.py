@@ -10,9 +10,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from auth.pki import PkiPaths
-from tools import keys
-from tools.certs import PkiError
+from aigis.auth.pki import PkiPaths
+from aigis.tools import keys
+from aigis.tools.certs import PkiError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,6 +1,6 @@
 """Write a 224x224 RGB image classifier with random weights, for benchmarks of batching.
 
-``python -m tools.make_cnn OUT_DIR`` writes ``OUT_DIR/<name>/`` with model.onnx, labels.txt and
+``python -m aigis.tools.make_cnn OUT_DIR`` writes ``OUT_DIR/<name>/`` with model.onnx, labels.txt and
 model.toml — a model directory the server loads like any other. The weights are random (fixed
 seed, so the same arguments write the same bytes): the answers mean nothing, but the cost is that
 of a real image model, milliseconds per image. (The bundled digits MLP costs ~5 µs, so there the
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.model import CONFIG_FILE, BatchingConfig, ColorMode, Layout, ModelConfig, OutputKind, model_toml
+from aigis.server.model import CONFIG_FILE, BatchingConfig, ColorMode, Layout, ModelConfig, OutputKind, model_toml
 
 SIZE = 224
 LABELS = 1000
@@ -125,7 +125,7 @@ def build_cnn(*, size: int = SIZE, n_labels: int = LABELS, stages: tuple[tuple[i
 def config_toml(config: ModelConfig) -> str:
     """model.toml text for `config`, with its [batching] table written out in full."""
     return model_toml(
-        config, "Written by `python -m tools.make_cnn`: random weights, for benchmarks only.", with_batching=True
+        config, "Written by `python -m aigis.tools.make_cnn`: random weights, for benchmarks only.", with_batching=True
     )
 
 

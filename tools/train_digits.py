@@ -1,6 +1,6 @@
 """Train the bundled digits classifier and export it to server/models/digits/ as ONNX.
 
-``python -m tools.train_digits`` rebuilds model.onnx, labels.txt, model.toml and samples/ from scikit-learn's
+``python -m aigis.tools.train_digits`` rebuilds model.onnx, labels.txt, model.toml and samples/ from scikit-learn's
 bundled 8x8 digits (no download) with a fixed split and seed, so the same script on the same
 machine writes the same bytes. A 64-32-10 MLP (ReLU, softmax) trained with plain numpy is enough:
 the point is a real model served end to end, not the model itself.
@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from server.images import pixels_to_input
-from server.model import ColorMode, Layout, ModelConfig, OutputKind, model_toml
+from aigis.server.images import pixels_to_input
+from aigis.server.model import ColorMode, Layout, ModelConfig, OutputKind, model_toml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "server" / "models" / "digits"
@@ -177,7 +177,7 @@ def build_onnx(weights: Weights) -> onnx.ModelProto:
 def config_toml(config: ModelConfig) -> str:
     """model.toml text for `config`."""
     return model_toml(
-        config, "Served by server/model.py; written by `python -m tools.train_digits` (do not edit by hand)."
+        config, "Served by server/model.py; written by `python -m aigis.tools.train_digits` (do not edit by hand)."
     )
 
 
@@ -203,7 +203,7 @@ def write_samples(out_dir: Path, pixels: np.ndarray, labels: np.ndarray) -> None
 
 def build(out_dir: Path) -> float:
     """Train, export to out_dir, and return the held-out accuracy measured through onnxruntime."""
-    from server.model import OnnxClassifier
+    from aigis.server.model import OnnxClassifier
 
     train_x, test_x, train_y, test_y = _split()
     write_model_dir(out_dir, train(train_x, train_y))

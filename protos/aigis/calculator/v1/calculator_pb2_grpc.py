@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.aigis.calculator.v1 import calculator_pb2 as protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2
+from aigis.calculator.v1 import calculator_pb2 as aigis_dot_calculator_dot_v1_dot_calculator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/aigis/calculator/v1/calculator_pb2_grpc.py depends on'
+        + ' but the generated code in aigis/calculator/v1/calculator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -38,23 +38,23 @@ class CalculatorStub:
         """
         self.Add = channel.unary_unary(
                 '/aigis.calculator.v1.Calculator/Add',
-                request_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddRequest.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddReply.FromString,
+                request_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddRequest.SerializeToString,
+                response_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddReply.FromString,
                 _registered_method=True)
         self.Sum = channel.stream_unary(
                 '/aigis.calculator.v1.Calculator/Sum',
-                request_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.SumReply.FromString,
+                request_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
+                response_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.SumReply.FromString,
                 _registered_method=True)
         self.Fibonacci = channel.unary_stream(
                 '/aigis.calculator.v1.Calculator/Fibonacci',
-                request_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.FibonacciRequest.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
+                request_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.FibonacciRequest.SerializeToString,
+                response_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
                 _registered_method=True)
         self.RunningSum = channel.stream_stream(
                 '/aigis.calculator.v1.Calculator/RunningSum',
-                request_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
+                request_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
+                response_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
                 _registered_method=True)
 
 
@@ -97,23 +97,23 @@ def add_CalculatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Add': grpc.unary_unary_rpc_method_handler(
                     servicer.Add,
-                    request_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddRequest.FromString,
-                    response_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddReply.SerializeToString,
+                    request_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddRequest.FromString,
+                    response_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddReply.SerializeToString,
             ),
             'Sum': grpc.stream_unary_rpc_method_handler(
                     servicer.Sum,
-                    request_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
-                    response_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.SumReply.SerializeToString,
+                    request_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
+                    response_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.SumReply.SerializeToString,
             ),
             'Fibonacci': grpc.unary_stream_rpc_method_handler(
                     servicer.Fibonacci,
-                    request_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.FibonacciRequest.FromString,
-                    response_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
+                    request_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.FibonacciRequest.FromString,
+                    response_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
             ),
             'RunningSum': grpc.stream_stream_rpc_method_handler(
                     servicer.RunningSum,
-                    request_deserializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
-                    response_serializer=protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
+                    request_deserializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
+                    response_serializer=aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,8 +143,8 @@ class Calculator:
             request,
             target,
             '/aigis.calculator.v1.Calculator/Add',
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddRequest.SerializeToString,
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddReply.FromString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddRequest.SerializeToString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.AddReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class Calculator:
             request_iterator,
             target,
             '/aigis.calculator.v1.Calculator/Sum',
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.SumReply.FromString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.SumReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -197,8 +197,8 @@ class Calculator:
             request,
             target,
             '/aigis.calculator.v1.Calculator/Fibonacci',
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.FibonacciRequest.SerializeToString,
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.FibonacciRequest.SerializeToString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
             options,
             channel_credentials,
             insecure,
@@ -224,8 +224,8 @@ class Calculator:
             request_iterator,
             target,
             '/aigis.calculator.v1.Calculator/RunningSum',
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
-            protos_dot_aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.SerializeToString,
+            aigis_dot_calculator_dot_v1_dot_calculator__pb2.Number.FromString,
             options,
             channel_credentials,
             insecure,

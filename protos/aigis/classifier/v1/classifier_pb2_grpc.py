@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.aigis.classifier.v1 import classifier_pb2 as protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2
+from aigis.classifier.v1 import classifier_pb2 as aigis_dot_classifier_dot_v1_dot_classifier__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/aigis/classifier/v1/classifier_pb2_grpc.py depends on'
+        + ' but the generated code in aigis/classifier/v1/classifier_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class ImageClassificationServiceStub:
         """
         self.ClassifyImage = channel.unary_unary(
                 '/aigis.classifier.v1.ImageClassificationService/ClassifyImage',
-                request_serializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
+                request_serializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
+                response_deserializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
                 _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
                 '/aigis.classifier.v1.ImageClassificationService/ClassifyStream',
-                request_serializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
+                request_serializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
+                response_deserializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/aigis.classifier.v1.ImageClassificationService/ListModels',
-                request_serializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsReply.FromString,
+                request_serializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsReply.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_ImageClassificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ClassifyImage': grpc.unary_unary_rpc_method_handler(
                     servicer.ClassifyImage,
-                    request_deserializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.FromString,
-                    response_serializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.SerializeToString,
+                    request_deserializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.FromString,
+                    response_serializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.SerializeToString,
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
-                    request_deserializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.FromString,
-                    response_serializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.SerializeToString,
+                    request_deserializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.FromString,
+                    response_serializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
-                    response_serializer=protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsReply.SerializeToString,
+                    request_deserializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
+                    response_serializer=aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class ImageClassificationService:
             request,
             target,
             '/aigis.classifier.v1.ImageClassificationService/ClassifyImage',
-            protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
-            protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
+            aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
+            aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class ImageClassificationService:
             request_iterator,
             target,
             '/aigis.classifier.v1.ImageClassificationService/ClassifyStream',
-            protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
-            protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
+            aigis_dot_classifier_dot_v1_dot_classifier__pb2.Image.SerializeToString,
+            aigis_dot_classifier_dot_v1_dot_classifier__pb2.ClassificationResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class ImageClassificationService:
             request,
             target,
             '/aigis.classifier.v1.ImageClassificationService/ListModels',
-            protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
-            protos_dot_aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsReply.FromString,
+            aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+            aigis_dot_classifier_dot_v1_dot_classifier__pb2.ListModelsReply.FromString,
             options,
             channel_credentials,
             insecure,

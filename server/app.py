@@ -25,9 +25,9 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflection
 
 from aigis.auth.audit import AuditError, AuditLog
 from aigis.auth.clients import load_registry
+from aigis.auth.enforcer import Enforcer
 from aigis.auth.guard import Guard
 from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
-from aigis.auth.interceptor import SecuredRegistrar, SecurityInterceptor
 from aigis.auth.issuer import IssuerConfig, IssuerServer
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from aigis.auth.policy import Policy
@@ -41,6 +41,7 @@ from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
 from aigis.server.metrics import Metrics
 from aigis.server.model import ModelRegistry
+from aigis.server.secured import SecuredRegistrar, SecurityInterceptor
 
 log = logging.getLogger("aigis.server")
 
@@ -280,7 +281,8 @@ async def start_server(config: Config) -> AigisServer:
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
     server = aio.server(options=grpc_options(config))
     # Every service registers through the registrar, which wraps each handler with the checks.
-    security = SecurityInterceptor(guard, audit, max_stream_messages=limits.max_stream_messages, metrics=metrics)
+    enforcer = Enforcer(guard, audit, on_denial=metrics.denial_observer)
+    security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics)
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)

@@ -14,6 +14,8 @@ from pathlib import Path
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from aigis.auth.decision import Decision
+
 log = logging.getLogger("aigis.metrics")
 
 # From 100 µs (a cached-token Add) to 10 s (a long stream).
@@ -62,6 +64,10 @@ class Metrics:
 
     def denied(self, reason: str) -> None:
         self.denials.labels(reason).inc()
+
+    def denial_observer(self, method: str, decision: Decision) -> None:
+        """The Enforcer's hook: count a denial by reason (its code and latency are counted by the wrapper)."""
+        self.denied(decision.reason.value if decision.reason is not None else "")
 
     def track_audit_queue(self, depth: Callable[[], float]) -> None:
         self.audit_queue.set_function(depth)

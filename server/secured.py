@@ -1,24 +1,22 @@
-"""The security layer: runs the Guard before any servicer code, for all four RPC kinds.
+"""Every servicer behind the checks: handlers wrapped by RPC shape when services register.
 
-The peer certificate exists only on the servicer context, so the check must run inside the
-handler: each method handler is wrapped by its shape (unary/stream in, unary/stream out) and the
-wrapper checks with the context in hand, then runs the servicer. The wrapping happens once, when
-services are registered (`SecuredRegistrar`), not per call: a grpc.aio `ServerInterceptor` would
-add a coroutine and a handler lookup to every RPC, and measured overhead is what gets security
-switched off. `SecurityInterceptor` offers the same wrapping as an interceptor for servers whose
-services we do not register ourselves.
+The peer certificate exists only on the servicer context, so enforcement (aigis.auth.enforcer)
+runs inside the handler: each method handler is wrapped by its shape (unary/stream in, unary/stream
+out), and the wrapper enforces with the context in hand, then runs the servicer. The wrapping
+happens once, when services are registered (`SecuredRegistrar`), not per call: a grpc.aio
+`ServerInterceptor` would add a coroutine and a handler lookup to every RPC, and measured overhead
+is what gets security switched off. `SecurityInterceptor` offers the same wrapping as an
+interceptor for servers whose services we do not register ourselves.
 
-This is also the one place where outcomes become statuses: deny reasons (via
-auth.decision.REASON_STATUS), servicer ServiceErrors, and anything unexpected (INTERNAL). Every
-denied or failed call carries trailing metadata `aigis-request-id`; the client learns nothing
-else about why.
+The server side owns what is not a security decision: servicer ServiceErrors and anything
+unexpected (INTERNAL) become statuses here, client streams are capped, metrics are counted. Every
+failed call carries trailing metadata `aigis-request-id`; the client learns nothing else.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -26,21 +24,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from aigis.auth.audit import AuditLog, rfc3339_now
-from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
-from aigis.auth.guard import Guard, Verdict
-from aigis.auth.policy import AuditCondition
+from aigis.auth.enforcer import REQUEST_ID_KEY, Enforcer, new_request_id
 from aigis.server.errors import ResourceExhausted, ServiceError
 from aigis.server.metrics import Metrics
 
-log = logging.getLogger("aigis.interceptor")
+log = logging.getLogger("aigis.secured")
 
-REQUEST_ID_KEY = "aigis-request-id"
 _INTERNAL_MESSAGE = "internal error"
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 class SecuredRegistrar:
@@ -53,12 +43,12 @@ class SecuredRegistrar:
     def __init__(self, server: aio.Server, security: SecurityInterceptor) -> None:
         self._server = server
         self._security = security
-        self.methods: list[str] = []  # every fully-qualified method registered, for tests and logs
+        self.methods: list[str] = []  # every fully-qualified method registered, for logs
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         secured = {name: self._security.wrap_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
         self.methods += [f"/{service}/{name}" for name in handlers]
-        self._server.add_registered_method_handlers(service, secured)
+        self._server.add_registered_method_handlers(service, secured)  # type: ignore[attr-defined]
 
     def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
         secured = tuple(_SecuredGenericHandler(g, self._security) for g in generic_handlers)
@@ -80,18 +70,16 @@ class _SecuredGenericHandler(grpc.GenericRpcHandler):
 
 
 class SecurityInterceptor(aio.ServerInterceptor):
-    """Authenticates, authorizes and audits every RPC before its servicer runs."""
+    """Runs the Enforcer before every servicer; maps servicer errors to statuses; counts metrics."""
 
     def __init__(
         self,
-        guard: Guard,
-        audit: AuditLog | None,
+        enforcer: Enforcer,
         *,
         max_stream_messages: int = 10_000,
         metrics: Metrics | None = None,
     ) -> None:
-        self._guard = guard
-        self._audit = audit
+        self._enforcer = enforcer
         self._metrics = metrics
         self._max_stream_messages = max_stream_messages
         # The generic handler returns the same RpcMethodHandler for a method every time, so the
@@ -113,16 +101,16 @@ class SecurityInterceptor(aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = grpc.experimental.wrap_server_method_handler(
+        wrapped = grpc.experimental.wrap_server_method_handler(  # type: ignore[attr-defined]
             lambda behavior: self._wrap_behavior(method, behavior, handler.request_streaming), handler
         )
         self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return wrapped  # type: ignore[no-any-return]
 
     def _wrap_behavior(
         self, method: str, behavior: Callable[..., Any], request_streaming: bool
     ) -> Callable[..., Any]:
-        authorize = self._authorize
+        enforce = self._enforce
         fail = self._fail
         metrics = self._metrics
         if request_streaming:
@@ -132,7 +120,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
             async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                await authorize(method, context, started)
+                await enforce(method, context, started)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -157,46 +145,27 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(request: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            await authorize(method, context, started)
+            await enforce(method, context, started)
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
                 raise
             except Exception as exc:
                 await fail(method, context, exc, started)
-            if metrics is not None:
-                metrics.done(method, "OK", perf_counter() - started)
+            metrics.done(method, "OK", perf_counter() - started)
             return response
 
         return checked
 
-    async def _authorize(self, method: str, context: aio.ServicerContext, started: float) -> None:
-        """Return when the call may proceed; otherwise audit and abort it."""
+    async def _enforce(self, method: str, context: aio.ServicerContext, started: float) -> None:
+        """Enforce; a denied call's duration and code are counted before its abort propagates."""
         try:
-            verdict = await self._guard.check(method, context)
-        except Exception:
-            # Fail closed: a bug or an unexpected input in a check is a denial, never a pass.
-            request_id = new_request_id()
-            log.exception("check failed for %s (request %s); denying", method, request_id)
-            verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
-            await self._deny(method, context, verdict, request_id, started)
-            return
-        if verdict.decision.allowed:
-            if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
-                self._audit.record(self._record(method, context, verdict, new_request_id()))
-            return
-        await self._deny(method, context, verdict, new_request_id(), started)
-
-    async def _deny(
-        self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str, started: float
-    ) -> None:
-        if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
-            self._audit.record(self._record(method, context, verdict, request_id))
-        code = verdict.decision.status
-        if self._metrics is not None:
-            self._metrics.denied(verdict.decision.reason.value if verdict.decision.reason else "")
-            self._metrics.done(method, code.name, perf_counter() - started)
-        await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
+            await self._enforcer.enforce(method, context)
+        except aio.AbortError:
+            if self._metrics is not None:
+                code = context.code()
+                self._metrics.done(method, code.name if code is not None else "UNKNOWN", perf_counter() - started)
+            raise
 
     async def _fail(self, method: str, context: aio.ServicerContext, exc: Exception, started: float) -> None:
         """Turn a servicer exception into a status: ServiceErrors keep their message."""
@@ -209,26 +178,6 @@ class SecurityInterceptor(aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.done(method, code.name, perf_counter() - started)
         await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
-
-    @staticmethod
-    def _record(
-        method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str
-    ) -> dict[str, Any]:
-        """An A59-named audit record. Never includes the token itself."""
-        decision, identity, token = verdict.decision, verdict.identity, verdict.token
-        return {
-            "timestamp": rfc3339_now(),
-            "request_id": request_id,
-            "rpc_method": method,
-            "authorized": decision.allowed,
-            "reason": decision.reason.value if decision.reason is not None else None,
-            "principal": identity.principal if identity is not None else "",
-            "peer": context.peer(),
-            "client_id": token.client_id if token is not None else None,
-            "sub": token.subject if token is not None else None,
-            "policy_name": decision.policy_name,
-            "matched_rule": decision.matched_rule,
-        }
 
 
 def _cap_request_stream(behavior: Callable[..., Any], cap: int) -> Callable[..., Any]:
@@ -254,7 +203,3 @@ def _cap_request_stream(behavior: Callable[..., Any], cap: int) -> Callable[...,
         return await behavior(capped(request_iterator), context)
 
     return with_cap
-
-
-_AUDIT_DENIALS = frozenset({AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW})
-_AUDIT_ALLOWS = frozenset({AuditCondition.ON_ALLOW, AuditCondition.ON_DENY_AND_ALLOW})

@@ -1,0 +1,91 @@
+"""Enforcement: guard → decision → audit → abort, for one call, before any servicer code runs.
+
+The peer certificate exists only on the servicer context, so enforcement runs inside the handler;
+how handlers are wrapped by RPC shape, how servicer errors become statuses, the stream cap and the
+metrics are the server's business (aigis.server.secured). This module is the whole security
+decision for a call: it returns when the call may proceed and aborts it otherwise, with the coarse
+status from auth.decision.REASON_STATUS and trailing metadata `aigis-request-id`; the audit log
+gets the reason. Any error while checking denies (`check_error`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from grpc import aio
+
+from aigis.auth.audit import AuditLog, rfc3339_now
+from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
+from aigis.auth.guard import Guard, Verdict
+from aigis.auth.policy import AuditCondition
+
+log = logging.getLogger("aigis.enforcer")
+
+REQUEST_ID_KEY = "aigis-request-id"
+
+#: Called once per denied call with (method, decision), before the abort: the server counts it.
+DenialObserver = Callable[[str, Decision], None]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Enforcer:
+    """Authenticates, authorizes and audits one RPC; aborts it when it is not allowed."""
+
+    def __init__(self, guard: Guard, audit: AuditLog | None, *, on_denial: DenialObserver | None = None) -> None:
+        self._guard = guard
+        self._audit = audit
+        self._on_denial = on_denial
+
+    async def enforce(self, method: str, context: aio.ServicerContext) -> Verdict:
+        """Return the verdict when the call may proceed; otherwise audit and abort it (raises)."""
+        try:
+            verdict = await self._guard.check(method, context)
+        except Exception:
+            # Fail closed: a bug or an unexpected input in a check is a denial, never a pass.
+            request_id = new_request_id()
+            log.exception("check failed for %s (request %s); denying", method, request_id)
+            verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
+            await self._deny(method, context, verdict, request_id)
+            raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
+        if verdict.decision.allowed:
+            if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
+                self._audit.record(audit_record(method, context, verdict, new_request_id()))
+            return verdict
+        await self._deny(method, context, verdict, new_request_id())
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> None:
+        if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
+            self._audit.record(audit_record(method, context, verdict, request_id))
+        if self._on_denial is not None:
+            self._on_denial(method, verdict.decision)
+        code = verdict.decision.status
+        await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
+
+
+def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> dict[str, Any]:
+    """An A59-named audit record. Never includes the token itself."""
+    decision, identity, token = verdict.decision, verdict.identity, verdict.token
+    return {
+        "timestamp": rfc3339_now(),
+        "request_id": request_id,
+        "rpc_method": method,
+        "authorized": decision.allowed,
+        "reason": decision.reason.value if decision.reason is not None else None,
+        "principal": identity.principal if identity is not None else "",
+        "peer": context.peer(),
+        "client_id": token.client_id if token is not None else None,
+        "sub": token.subject if token is not None else None,
+        "policy_name": decision.policy_name,
+        "matched_rule": decision.matched_rule,
+    }
+
+
+_AUDIT_DENIALS = frozenset({AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW})
+_AUDIT_ALLOWS = frozenset({AuditCondition.ON_ALLOW, AuditCondition.ON_DENY_AND_ALLOW})

@@ -34,6 +34,8 @@ class Reason(enum.StrEnum):
     TOKEN_CERT_MISMATCH = "token_cert_mismatch"  # certificate-bound token (RFC 8705 cnf) on another certificate
     TOKEN_UNBOUND = "token_unbound"  # binding is required and the token carries no cnf x5t#S256
     CHECK_ERROR = "check_error"  # an unexpected error while checking: fail closed
+    # Not the caller's fault, retry later: UNAVAILABLE.
+    TOKEN_KEYS_UNAVAILABLE = "token_keys_unavailable"  # the issuer's JWK Set is not cached and cannot be fetched
     # The caller is identified but not allowed: PERMISSION_DENIED.
     SCOPE_MISSING = "scope_missing"  # a rule matched but the token lacks a required scope
     POLICY_DENIED = "policy_denied"  # a deny rule matched
@@ -49,6 +51,8 @@ REASON_STATUS: dict[Reason, grpc.StatusCode] = {
     reason: (
         grpc.StatusCode.RESOURCE_EXHAUSTED
         if reason is Reason.RATE_LIMITED
+        else grpc.StatusCode.UNAVAILABLE
+        if reason is Reason.TOKEN_KEYS_UNAVAILABLE
         else grpc.StatusCode.PERMISSION_DENIED
         if reason in _PERMISSION_DENIED
         else grpc.StatusCode.UNAUTHENTICATED
@@ -61,6 +65,7 @@ CLIENT_MESSAGES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAUTHENTICATED: "request could not be authenticated",
     grpc.StatusCode.PERMISSION_DENIED: "request is not permitted",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "rate limit exceeded; retry later",
+    grpc.StatusCode.UNAVAILABLE: "authentication is temporarily unavailable; retry later",
 }
 
 

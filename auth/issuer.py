@@ -558,7 +558,10 @@ class _Issuer:
             "token_endpoint": issuer + TOKEN_PATH,
             "jwks_uri": issuer + JWKS_PATH,
             "grant_types_supported": ["client_credentials"],
-            "response_types_supported": [],
+            # RFC 8414 §2 makes this REQUIRED and validators (authlib) refuse it empty or absent,
+            # though no grant here uses an authorization endpoint. "none" (registered by OAuth 2.0
+            # Multiple Response Type Encoding Practices) is the one value that promises nothing.
+            "response_types_supported": ["none"],
             "token_endpoint_auth_methods_supported": ["tls_client_auth", "client_secret_basic"],
             "scopes_supported": list(registry.all_scopes()),
             "tls_client_certificate_bound_access_tokens": True,

@@ -11,11 +11,13 @@ step  check                                                           reason on 
  1    compact JWS: three base64url segments, JSON object header        TOKEN_MALFORMED
       and payload (PyJWT ``DecodeError``)
  2    no ``crit`` header: we implement no JWS extension                TOKEN_INVALID
- 3    ``typ`` is ``at+jwt`` or ``application/at+jwt`` (RFC 9068 §4)    TOKEN_WRONG_TYPE
+ 3    ``typ`` is ``at+jwt`` or ``application/at+jwt`` (RFC 9068 §4),  TOKEN_WRONG_TYPE
+      or another type the token's issuer opted in to (``token_types``)
  4    ``alg`` in our allow-list (stops ``none``, HS256-with-the-         TOKEN_BAD_ALGORITHM
       public-key, ... before any key is touched)
  5    unverified ``iss`` names a TrustedIssuer (absent: MISSING_CLAIM) TOKEN_WRONG_ISSUER
  6    ``kid`` names a signing key of *that* issuer's JWK Set           TOKEN_UNKNOWN_KEY
+      (an https key set never fetched and unreachable now:             TOKEN_KEYS_UNAVAILABLE)
  7    ``jwt.decode`` with that one key and alg, ``require`` exp iat iss aud sub, ``issuer`` and
       ``audience``; PyJWT exceptions map as follows (subclasses first):
         ExpiredSignatureError -> TOKEN_EXPIRED, ImmatureSignatureError -> TOKEN_NOT_YET_VALID,
@@ -29,7 +31,8 @@ step  check                                                           reason on 
       ``nbf`` (if present) and ``iat`` <= now + leeway                 TOKEN_NOT_YET_VALID
       time claims that are not JSON numbers                            TOKEN_INVALID
  9    ``sub`` non-empty, ``client_id``/``jti`` strings, ``scope`` a     TOKEN_INVALID
-      string (or ``scp`` a string or list of strings), ``cnf`` object
+      string (or ``scp``, or the issuer's ``scope_claim``, a string or
+      list of strings), ``cnf`` object
  *    any unexpected exception (fail closed)                           TOKEN_INVALID
 ====  ==============================================================  ===========================
 
@@ -42,11 +45,9 @@ A `TokenError` never carries the token, nor PyJWT's message (which may echo atta
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,9 +58,22 @@ from typing import Any
 from urllib.parse import urlparse
 
 import jwt
-from jwt import PyJWK, PyJWKClient, PyJWKSet
+from jwt import PyJWK
 
 from aigis.auth.decision import Reason
+from aigis.auth.jwks import KeySet, KeySetError, KeysUnavailable, RemoteKeys, load_jwks_file, parse_jwks
+
+__all__ = [
+    "KeySet",
+    "KeySetError",
+    "TokenError",
+    "TokenVerifier",
+    "TrustedIssuer",
+    "VerifiedToken",
+    "load_jwks_file",
+    "parse_authorization",
+    "parse_jwks",
+]
 
 log = logging.getLogger("aigis.tokens")
 
@@ -77,7 +91,6 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
-_JWKS_FETCH_TIMEOUT_SECONDS = 10.0
 
 # Subclasses before their bases: InvalidSignatureError is a DecodeError.
 _PYJWT_REASONS: tuple[tuple[type[Exception], Reason], ...] = (
@@ -100,29 +113,52 @@ class TokenError(Exception):
         self.reason = reason
 
 
-class KeySetError(Exception):
-    """A JWK Set (file or URL) could not be loaded: a configuration error, raised at start-up/reload."""
-
-
 @dataclass(frozen=True)
 class TrustedIssuer:
-    """An authorization server whose access tokens we accept for `audience`."""
+    """An authorization server whose access tokens we accept for `audience`.
+
+    Keys come from `jwks_file`, from `jwks_url`, or, when neither is given, from the `jwks_uri` of
+    the issuer's discovery document (OpenID Connect Discovery, else RFC 8414; auth/jwks.py).
+    """
 
     issuer: str  # compared exactly with the token's `iss`
     audience: str  # this resource server's identifier, which must appear in `aud`
     jwks_file: Path | None = None
     jwks_url: str | None = None  # https only
-    ca_file: Path | None = None  # trust anchor for a private-CA https `jwks_url`
+    ca_file: Path | None = None  # trust anchor for a private-CA https `jwks_url` or discovery
+    # Accepted JWS `typ` values, compared case-insensitively. RFC 9068 §4 wants at+jwt (which also
+    # admits application/at+jwt); adding "JWT" is an explicit opt-in for IdPs that send it.
+    token_types: tuple[str, ...] = ("at+jwt",)
+    # The claim holding the scopes (a space-delimited string or a list of strings). None: RFC 9068
+    # `scope`, else `scp`.
+    scope_claim: str | None = None
 
     def __post_init__(self) -> None:
         if not self.issuer or not self.audience:
             raise ValueError("TrustedIssuer needs a non-empty issuer and audience")
-        if (self.jwks_file is None) == (self.jwks_url is None):
-            raise ValueError(f"issuer {self.issuer!r}: give exactly one of jwks_file and jwks_url")
+        if self.jwks_file is not None and self.jwks_url is not None:
+            raise ValueError(f"issuer {self.issuer!r}: give at most one of jwks_file and jwks_url")
         if self.jwks_url is not None and urlparse(self.jwks_url).scheme != "https":
             raise ValueError(f"issuer {self.issuer!r}: jwks_url must be https")
-        if self.ca_file is not None and self.jwks_url is None:
-            raise ValueError(f"issuer {self.issuer!r}: ca_file only applies to jwks_url")
+        if self.discovers and urlparse(self.issuer).scheme != "https":
+            raise ValueError(f"issuer {self.issuer!r}: discovery needs an https issuer (or jwks_url/jwks_file)")
+        if self.ca_file is not None and self.jwks_file is not None:
+            raise ValueError(f"issuer {self.issuer!r}: ca_file does not apply to jwks_file")
+        if not self.token_types or not all(isinstance(t, str) and t for t in self.token_types):
+            raise ValueError(f"issuer {self.issuer!r}: token_types must list at least one non-empty typ")
+        if self.scope_claim is not None and not self.scope_claim:
+            raise ValueError(f"issuer {self.issuer!r}: scope_claim must not be empty")
+
+    @property
+    def discovers(self) -> bool:
+        """True when the JWK Set URL comes from the issuer's discovery document."""
+        return self.jwks_file is None and self.jwks_url is None
+
+    def accepted_types(self) -> frozenset[str]:
+        types = {t.lower() for t in self.token_types}
+        if "at+jwt" in types:
+            types |= _ACCESS_TOKEN_TYPES
+        return frozenset(types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,52 +209,6 @@ _WELL_FORMED: dict[str, str] = {}
 _WELL_FORMED_MAX = 4096
 
 
-# JWK members that only private or symmetric keys have (RFC 7518 §6.2.2, §6.3.2, §6.4.1).
-_SECRET_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-
-@dataclass(frozen=True)
-class KeySet:
-    """A validated JWK Set."""
-
-    keys: dict[str, PyJWK]  # kid -> key, signing keys only
-    digest: str  # canonical JSON of the published keys: tells whether a reload changed anything
-
-
-def parse_jwks(data: Any, source: str) -> KeySet:
-    """Validate a JWK Set (RFC 7517 §5) and index its signing keys by kid."""
-    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise KeySetError(f"{source}: not a JWK Set object with a 'keys' list")
-    for raw in data["keys"]:
-        # A published set must never carry a private or symmetric key; refuse rather than skip, so
-        # the mistake is noticed (and never echo the key material).
-        if isinstance(raw, dict) and _SECRET_MEMBERS & raw.keys():
-            raise KeySetError(f"{source}: a key (kid {raw.get('kid')!r}) contains private or secret material")
-    try:
-        jwk_set = PyJWKSet.from_dict(data)
-    except Exception as exc:  # PyJWTError, or NotImplementedError for a key with "alg": "none"
-        raise KeySetError(f"{source}: no usable keys ({type(exc).__name__})") from None
-    keys: dict[str, PyJWK] = {}
-    for key in jwk_set.keys:
-        if key.public_key_use not in ("sig", None) or not isinstance(key.key_id, str) or not key.key_id:
-            continue
-        if key.key_id in keys:
-            raise KeySetError(f"{source}: duplicate kid {key.key_id!r}")
-        keys[key.key_id] = key
-    if not keys:
-        raise KeySetError(f"{source}: no signing keys with a kid")
-    return KeySet(keys, json.dumps(data["keys"], sort_keys=True))
-
-
-def load_jwks_file(path: Path) -> KeySet:
-    """Read and validate a JWK Set file. Blocking file I/O."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise KeySetError(f"{path}: cannot read JWK Set ({type(exc).__name__}: {exc})") from None
-    return parse_jwks(data, str(path))
-
-
 class _FileKeys:
     """Keys from a JWK Set file, read at construction and swapped in by TokenVerifier.reload().
 
@@ -250,72 +240,6 @@ class _FileKeys:
         return key
 
 
-class _RemoteKeys:
-    """Keys from an https JWKS endpoint: PyJWKClient fetches (in a thread), we cache.
-
-    We keep our own cache rather than PyJWKClient's so that a failed refresh leaves the last good
-    keys in service. Any fetch (expiry refresh or unknown kid) happens at most once per cooldown,
-    which also bounds what a stream of made-up kids can make us do.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        ca_file: Path | None,
-        *,
-        lifespan: float,
-        cooldown: float,
-        clock: Callable[[], float],
-        on_change: Callable[[], None],
-    ) -> None:
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
-        self.url = url
-        self._client = PyJWKClient(url, cache_jwk_set=False, ssl_context=context, timeout=_JWKS_FETCH_TIMEOUT_SECONDS)
-        self._lifespan, self._cooldown = lifespan, cooldown
-        self._clock, self._on_change = clock, on_change
-        self.key_set: KeySet | None = None
-        self._fetched_at: float | None = None
-        self._attempted_at: float | None = None
-        self._lock = asyncio.Lock()
-        self.fetches = 0  # attempts made, for tests and metrics
-
-    def _may_fetch(self, now: float) -> bool:
-        return self._attempted_at is None or now - self._attempted_at >= self._cooldown
-
-    async def get(self, kid: str) -> PyJWK | None:
-        now = self._clock()
-        key = self.key_set.keys.get(kid) if self.key_set is not None else None
-        fresh = self._fetched_at is not None and now - self._fetched_at < self._lifespan
-        if key is not None and (fresh or self._lock.locked()):
-            return key  # a stale key keeps serving while a refresh is under way
-        if self._may_fetch(now):
-            await self._refresh()
-            key = self.key_set.keys.get(kid) if self.key_set is not None else None
-        return key
-
-    async def _refresh(self) -> None:
-        async with self._lock:
-            now = self._clock()
-            if not self._may_fetch(now):  # another task fetched while we waited for the lock
-                return
-            self._attempted_at = now
-            self.fetches += 1
-            try:
-                data = await asyncio.to_thread(self._client.fetch_data)
-                key_set = parse_jwks(data, self.url)
-            except Exception as exc:  # fail closed: keep the last good keys; unknown kids stay unknown
-                log.warning("JWKS fetch from %s failed (%s); keeping the previous keys", self.url, type(exc).__name__)
-                return
-            changed = self.key_set is not None and key_set.digest != self.key_set.digest
-            self.key_set, self._fetched_at = key_set, self._clock()
-            if changed:
-                self._on_change()
-
-    def expire(self) -> None:
-        """Make the next lookup refetch (still subject to the cooldown)."""
-        self._fetched_at = None
-
-
 def _reason_for(exc: Exception) -> Reason:
     for kind, reason in _PYJWT_REASONS:
         if isinstance(exc, kind):
@@ -340,21 +264,20 @@ def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
     return number
 
 
-def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
-    """RFC 9068 §2.2.3 `scope` (space-delimited string); else `scp` as a list or string."""
-    if "scope" in claims:
-        raw = claims["scope"]
-        if not isinstance(raw, str):
+def _scopes(claims: Mapping[str, Any], claim: str | None) -> frozenset[str]:
+    """RFC 9068 §2.2.3 `scope` (space-delimited string), else `scp`; or the issuer's own claim."""
+    if claim is None:
+        claim = "scope" if "scope" in claims else "scp"
+        if claim == "scope" and not isinstance(claims["scope"], str):
             raise TokenError(Reason.TOKEN_INVALID, "scope is not a string")
-        return frozenset(s for s in raw.split(" ") if s)
-    raw = claims.get("scp")
+    raw = claims.get(claim)
     if raw is None:
         return frozenset()
     if isinstance(raw, str):
         return frozenset(s for s in raw.split(" ") if s)
     if isinstance(raw, list) and all(isinstance(s, str) for s in raw):
         return frozenset(s for s in raw if s)
-    raise TokenError(Reason.TOKEN_INVALID, "scp is not a string or a list of strings")
+    raise TokenError(Reason.TOKEN_INVALID, f"{claim} is not a string or a list of strings")
 
 
 def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
@@ -394,24 +317,24 @@ class TokenVerifier:
         self._clock = clock
         self._cache: dict[str, VerifiedToken] = {}
         self._generation = 0  # bumped when keys change, so an in-flight miss cannot repopulate the cache
-        self._issuers: dict[str, tuple[TrustedIssuer, _FileKeys | _RemoteKeys]] = {}
+        self._issuers: dict[str, tuple[TrustedIssuer, _FileKeys | RemoteKeys, frozenset[str]]] = {}
         for issuer in issuers:
             if issuer.issuer in self._issuers:
                 raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
-            keys: _FileKeys | _RemoteKeys
+            keys: _FileKeys | RemoteKeys
             if issuer.jwks_file is not None:
                 keys = _FileKeys(issuer.jwks_file, self.clear_cache, jwks_file_recheck.total_seconds())
             else:
-                assert issuer.jwks_url is not None
-                keys = _RemoteKeys(
-                    issuer.jwks_url,
-                    issuer.ca_file,
+                keys = RemoteKeys(
+                    issuer=issuer.issuer,
+                    jwks_url=issuer.jwks_url,
+                    ca_file=issuer.ca_file,
                     lifespan=jwks_lifespan.total_seconds(),
                     cooldown=jwks_cooldown.total_seconds(),
                     clock=clock,
                     on_change=self.clear_cache,
                 )
-            self._issuers[issuer.issuer] = (issuer, keys)
+            self._issuers[issuer.issuer] = (issuer, keys, issuer.accepted_types())
         self._decode_options: Any = {
             "verify_signature": True,
             "require": _REQUIRED_CLAIMS,
@@ -446,14 +369,14 @@ class TokenVerifier:
         (KeySetError). Cached tokens are dropped when keys changed: a removed key must stop vouching
         for tokens at once. Remote key sets are marked stale and refetched on next use.
         """
-        files = [keys for _, keys in self._issuers.values() if isinstance(keys, _FileKeys)]
+        files = [keys for _, keys, _ in self._issuers.values() if isinstance(keys, _FileKeys)]
         loaded = [load_jwks_file(keys.path) for keys in files]
         changed = False
         for keys, key_set in zip(files, loaded, strict=True):
             changed |= key_set.digest != keys.key_set.digest
             keys.key_set = key_set
-        for _, keys in self._issuers.values():
-            if isinstance(keys, _RemoteKeys):
+        for _, keys, _ in self._issuers.values():
+            if isinstance(keys, RemoteKeys):
                 keys.expire()
         if changed:
             self.clear_cache()
@@ -485,22 +408,28 @@ class TokenVerifier:
         # understand; we understand none (PyJWT alone would accept b64).
         if "crit" in header:
             raise TokenError(Reason.TOKEN_INVALID, "crit header")
+        iss = unverified_claims.get("iss")
+        entry = self._issuers.get(iss) if isinstance(iss, str) else None
+        # RFC 9068 §4: at+jwt, unless this issuer opted in to other types (unknown issuer: the default).
         typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in _ACCESS_TOKEN_TYPES:
-            raise TokenError(Reason.TOKEN_WRONG_TYPE, "typ is not at+jwt")
+        accepted = entry[2] if entry is not None else _ACCESS_TOKEN_TYPES
+        if not isinstance(typ, str) or typ.lower() not in accepted:
+            raise TokenError(Reason.TOKEN_WRONG_TYPE, "typ not accepted for this issuer")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
             raise TokenError(Reason.TOKEN_BAD_ALGORITHM, "alg not allowed")
 
-        iss = unverified_claims.get("iss")
         if iss is None:
             raise TokenError(Reason.TOKEN_MISSING_CLAIM, "iss")
-        entry = self._issuers.get(iss) if isinstance(iss, str) else None
         if entry is None:
             raise TokenError(Reason.TOKEN_WRONG_ISSUER, "untrusted iss")
-        issuer, keys = entry
+        issuer, keys, _ = entry
         kid = header.get("kid")
-        key = await keys.get(kid) if isinstance(kid, str) and kid else None
+        try:
+            key = await keys.get(kid) if isinstance(kid, str) and kid else None
+        except KeysUnavailable as exc:
+            # Not the caller's fault: UNAVAILABLE, so clients retry rather than give up.
+            raise TokenError(Reason.TOKEN_KEYS_UNAVAILABLE, str(exc)) from None
         if key is None:
             raise TokenError(Reason.TOKEN_UNKNOWN_KEY, "kid not in the issuer's key set")
 
@@ -526,7 +455,7 @@ class TokenVerifier:
         verified = VerifiedToken(
             subject=subject,
             client_id=_optional_str(claims, "client_id") or subject,
-            scopes=_scopes(claims),
+            scopes=_scopes(claims, issuer.scope_claim),
             issuer=issuer.issuer,
             expires_at=expires_at,
             jti=_optional_str(claims, "jti"),

@@ -77,7 +77,15 @@ def server_credentials(pki: PkiPaths) -> TlsCredentialStore:
 
 def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIssuer]:
     issuers = [
-        TrustedIssuer(e.issuer, e.audience, jwks_file=e.jwks_file, jwks_url=e.jwks_url, ca_file=e.ca_file)
+        TrustedIssuer(
+            e.issuer,
+            e.audience,
+            jwks_file=e.jwks_file,
+            jwks_url=e.jwks_url,
+            ca_file=e.ca_file,
+            token_types=e.token_types,
+            scope_claim=e.scope_claim,
+        )
         for e in config.external_issuers
     ]
     if embedded_url is not None or not issuers:
@@ -239,11 +247,8 @@ async def start_server(config: Config) -> AigisServer:
         await asyncio.to_thread(issuer.start)
     try:
         issuers = trusted_issuers(config, issuer.issuer_url if issuer is not None else None)
-        verifier = TokenVerifier(
-            issuers,
-            algorithms=config.algorithms,
-            leeway=config.leeway,
-        )
+        # In a thread: key set files and TLS trust anchors are read here.
+        verifier = await asyncio.to_thread(TokenVerifier, issuers, algorithms=config.algorithms, leeway=config.leeway)
     except Exception as exc:
         if issuer is not None:
             issuer.stop()

@@ -41,13 +41,18 @@ class HostPort:
 
 @dataclass(frozen=True)
 class ExternalIssuer:
-    """A token issuer other than the embedded one: tokens from it are trusted for this audience."""
+    """A token issuer other than the embedded one: tokens from it are trusted for this audience.
+
+    Without `jwks_url` and `jwks_file`, the key set URL comes from the issuer's discovery document.
+    """
 
     issuer: str
     audience: str
     jwks_url: str | None = None
     jwks_file: Path | None = None
     ca_file: Path | None = None
+    token_types: tuple[str, ...] = ("at+jwt",)  # accepted JWS typ values; RFC 9068's at+jwt by default
+    scope_claim: str | None = None  # None: `scope`, else `scp`
 
 
 @dataclass(frozen=True)
@@ -277,12 +282,23 @@ def _external_issuer(entry: Any, prefix: str, base: Path) -> ExternalIssuer:
     jwks_url = section.get("jwks_url", str, None)
     jwks_file = section.path("jwks_file", None)
     ca_file = section.path("ca_file", None)
+    token_types = section.get("token_types", list, ["at+jwt"])
+    scope_claim = section.get("scope_claim", str, None)
     section.finish()
-    if (jwks_url is None) == (jwks_file is None):
-        raise ConfigError(f"{prefix}: set exactly one of jwks_url and jwks_file")
+    if jwks_url is not None and jwks_file is not None:
+        raise ConfigError(f"{prefix}: set at most one of jwks_url and jwks_file (neither: discovery)")
     if jwks_url is not None and not jwks_url.startswith("https://"):
         raise ConfigError(f"{prefix}.jwks_url: must be an https:// URL, got {jwks_url!r}")
-    return ExternalIssuer(issuer, audience, jwks_url, jwks_file, ca_file)
+    if jwks_url is None and jwks_file is None and not issuer.startswith("https://"):
+        raise ConfigError(f"{prefix}.issuer: discovery needs an https:// issuer URL, got {issuer!r}")
+    if not token_types:
+        raise ConfigError(f"{prefix}.token_types: must name at least one typ")
+    for i, typ in enumerate(token_types):
+        if not isinstance(typ, str) or not typ:
+            raise ConfigError(f"{prefix}.token_types[{i}]: expected a non-empty string, got {typ!r}")
+    if scope_claim == "":
+        raise ConfigError(f"{prefix}.scope_claim: must not be empty")
+    return ExternalIssuer(issuer, audience, jwks_url, jwks_file, ca_file, tuple(token_types), scope_claim)
 
 
 def load_config(path: Path | None, **overrides: Any) -> Config:

@@ -60,8 +60,16 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         pytest.param('[auth]\nalgorithms = ["HS256"]\n', "auth.algorithms[0]", id="alg-hmac"),
         pytest.param("[auth]\nleeway_seconds = 3600\n", "auth.leeway_seconds", id="leeway-huge"),
         pytest.param('[issuer]\nurl = "http://x"\n', "issuer.url: must be an https:// URL", id="issuer-http"),
-        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\n', "auth.issuers[0]: set exactly one",
-                     id="external-no-keys"),
+        pytest.param('[[auth.issuers]]\nissuer = "http://i"\naudience = "a"\n',
+                     "auth.issuers[0].issuer: discovery needs an https:// issuer", id="external-discovery-http"),
+        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\njwks_url = "https://k"\n'
+                     'jwks_file = "f"\n', "auth.issuers[0]: set at most one", id="external-two-key-sources"),
+        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\ntoken_types = []\n',
+                     "auth.issuers[0].token_types: must name", id="external-no-token-types"),
+        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\ntoken_types = [""]\n',
+                     "auth.issuers[0].token_types[0]", id="external-empty-token-type"),
+        pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\nscope_claim = ""\n',
+                     "auth.issuers[0].scope_claim", id="external-empty-scope-claim"),
         pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\njwks_url = "http://k"\n',
                      "auth.issuers[0].jwks_url", id="external-http-jwks"),
         pytest.param("[server\n", "invalid TOML", id="bad-toml"),
@@ -77,3 +85,23 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     """A config path that does not exist is refused, not ignored."""
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_external_issuer_by_issuer_url_alone(tmp_path: Path) -> None:
+    """An issuer URL and audience are enough: keys by discovery, RFC 9068 typ, scope/scp claims."""
+    config = load_config(write(tmp_path, '[[auth.issuers]]\nissuer = "https://idp.example"\naudience = "aigis"\n'))
+    (external,) = config.external_issuers
+    assert (external.jwks_url, external.jwks_file) == (None, None)
+    assert external.token_types == ("at+jwt",)
+    assert external.scope_claim is None
+
+
+def test_external_issuer_typ_and_scope_claim(tmp_path: Path) -> None:
+    """token_types and scope_claim are read per issuer."""
+    text = (
+        '[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\n'
+        'token_types = ["at+jwt", "JWT"]\nscope_claim = "roles"\n'
+    )
+    (external,) = load_config(write(tmp_path, text)).external_issuers
+    assert external.token_types == ("at+jwt", "JWT")
+    assert external.scope_claim == "roles"

@@ -22,6 +22,7 @@ from urllib.parse import quote_plus
 
 import jwt
 import pytest
+from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -400,11 +401,17 @@ def test_metadata_endpoint_is_rfc8414(issuer: IssuerServer, pki: Pki) -> None:
         "token_endpoint": issuer.token_url,
         "jwks_uri": issuer.jwks_url,
         "grant_types_supported": ["client_credentials"],
-        "response_types_supported": [],
+        "response_types_supported": ["none"],
         "token_endpoint_auth_methods_supported": ["tls_client_auth", "client_secret_basic"],
         "scopes_supported": ["calculator:compute", "classifier:predict"],
         "tls_client_certificate_bound_access_tokens": True,
     }
+
+
+def test_metadata_passes_authlib_validation(issuer: IssuerServer, pki: Pki) -> None:
+    """authlib's RFC 8414 validator (as used by its clients) accepts our metadata as served."""
+    reply = call(issuer, pki, method="GET", path=METADATA_PATH, body=None)
+    AuthorizationServerMetadata(reply.body).validate()
 
 
 # ------------------------------------------------------------------------------- live changes

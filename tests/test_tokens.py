@@ -10,11 +10,12 @@ import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,7 +39,7 @@ from jwt_factory import (
     write_jwks,
 )
 
-from aigis.auth.decision import Reason
+from aigis.auth.decision import REASON_STATUS, Reason
 from aigis.auth.tokens import (
     KeySetError,
     TokenError,
@@ -488,7 +489,9 @@ BAD_CONFIG = [
     ),
     pytest.param(lambda p: TokenVerifier([]), id="no-issuers"),
     pytest.param(lambda p: TokenVerifier([TrustedIssuer(ISSUER, AUDIENCE, jwks_file=p)] * 2), id="issuer-twice"),
-    pytest.param(lambda p: TrustedIssuer(ISSUER, AUDIENCE), id="no-key-source"),
+    pytest.param(lambda p: TrustedIssuer("http://idp.example", AUDIENCE), id="discovery-over-http"),
+    pytest.param(lambda p: TrustedIssuer(ISSUER, AUDIENCE, jwks_file=p, token_types=()), id="no-token-types"),
+    pytest.param(lambda p: TrustedIssuer(ISSUER, AUDIENCE, jwks_file=p, scope_claim=""), id="empty-scope-claim"),
     pytest.param(lambda p: TrustedIssuer(ISSUER, AUDIENCE, jwks_file=p, jwks_url="https://x/j"), id="two-key-sources"),
     pytest.param(lambda p: TrustedIssuer(ISSUER, AUDIENCE, jwks_url="http://x/jwks.json"), id="plain-http-jwks"),
     pytest.param(lambda p: TrustedIssuer("", AUDIENCE, jwks_file=p), id="empty-issuer"),
@@ -497,7 +500,7 @@ BAD_CONFIG = [
 
 @pytest.mark.parametrize("build", BAD_CONFIG)
 def test_bad_configuration_is_refused(jwks_path: Path, build: Callable[[Path], Any]) -> None:
-    """Symmetric/none algorithms, missing or ambiguous key sources and plain-http JWKS are refused."""
+    """Symmetric/none algorithms, ambiguous key sources and plain-http JWKS or discovery are refused."""
     with pytest.raises(ValueError):
         build(jwks_path)
 
@@ -507,10 +510,13 @@ def test_bad_configuration_is_refused(jwks_path: Path, build: Callable[[Path], A
 
 @dataclass
 class JwksServer:
-    url: str
+    url: str  # the JWK Set, at /jwks.json
     ca_file: Path
     body: dict[str, Any] | None  # None: answer 500
     hits: int = 0
+    origin: str = ""  # https://127.0.0.1:<port>
+    # Other paths: a JSON value, or (status, raw bytes). Anything else answers 404.
+    documents: dict[str, Any] = field(default_factory=dict)
 
 
 def _tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -566,10 +572,19 @@ def jwks_server(tmp_path: Path, keys: Keys) -> Iterator[JwksServer]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.hits += 1
-            if state.body is None:
-                self.send_error(500)
+            status, payload = 200, b""
+            if self.path == "/jwks.json" and state.body is not None:
+                payload = json.dumps(state.body).encode()
+            elif self.path == "/jwks.json":
+                status = 500
+            elif self.path in state.documents:
+                document = state.documents[self.path]
+                status, payload = document if isinstance(document, tuple) else (200, json.dumps(document).encode())
+            else:
+                status = 404
+            if status != 200:
+                self.send_error(status)
                 return
-            payload = json.dumps(state.body).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
@@ -586,7 +601,8 @@ def jwks_server(tmp_path: Path, keys: Keys) -> Iterator[JwksServer]:
     server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    state.url = f"https://127.0.0.1:{server.server_address[1]}/jwks.json"
+    state.origin = f"https://127.0.0.1:{server.server_address[1]}"
+    state.url = state.origin + "/jwks.json"
     try:
         yield state
     finally:
@@ -654,9 +670,150 @@ def test_remote_fetch_failure_keeps_cached_keys(jwks_server: JwksServer, keys: K
 
 
 def test_remote_jwks_from_untrusted_server_is_not_used(jwks_server: JwksServer, keys: Keys, clock: Clock) -> None:
-    """Without the private CA the TLS handshake fails, so no key is trusted (fail closed)."""
+    """Without the private CA the TLS handshake fails, so no key is trusted: UNAVAILABLE, saying why."""
     verifier = _remote_verifier(jwks_server, clock, ca=False)
-    assert refused(verifier, TokenFactory(keys.es256).make()).reason is Reason.TOKEN_UNKNOWN_KEY
+    error = refused(verifier, TokenFactory(keys.es256).make())
+    assert error.reason is Reason.TOKEN_KEYS_UNAVAILABLE
+    assert "TLS certificate verification failed" in str(error)
+    assert REASON_STATUS[error.reason] is grpc.StatusCode.UNAVAILABLE
+
+
+# ---- discovery, fetch failures, per-issuer typ and scope claim ---------------------------------
+
+
+def _discovering_verifier(server: JwksServer, clock: Clock, issuer: str, **options: Any) -> TokenVerifier:
+    trusted = TrustedIssuer(issuer, AUDIENCE, ca_file=server.ca_file, **options)
+    return TokenVerifier([trusted], clock=clock, jwks_cooldown=timedelta(seconds=30))
+
+
+@pytest.mark.parametrize(
+    ("issuer_path", "metadata_path"),
+    [
+        pytest.param("", "/.well-known/openid-configuration", id="openid-discovery"),
+        pytest.param("/tenant", "/.well-known/openid-configuration", id="openid-discovery-with-path"),
+        pytest.param("/tenant", "/.well-known/oauth-authorization-server/tenant", id="rfc8414-fallback"),
+    ],
+)
+def test_issuer_url_alone_finds_its_keys(
+    jwks_server: JwksServer, keys: Keys, clock: Clock, issuer_path: str, metadata_path: str
+) -> None:
+    """Configured by its issuer URL alone, an issuer's jwks_uri comes from its discovery document."""
+    issuer = jwks_server.origin + issuer_path
+    if metadata_path.startswith("/.well-known/openid") and issuer_path:
+        metadata_path = issuer_path + metadata_path  # OpenID: appended to the issuer's path
+    jwks_server.documents[metadata_path] = {"issuer": issuer, "jwks_uri": jwks_server.url}
+    verifier = _discovering_verifier(jwks_server, clock, issuer)
+    assert verify(verifier, TokenFactory(keys.es256, issuer=issuer).make()).issuer == issuer
+
+
+BAD_KEY_SOURCES = [
+    pytest.param({}, "HTTP status 404", id="no-discovery-document"),
+    pytest.param({"/.well-known/openid-configuration": "ISSUER"}, "is not a JSON object", id="metadata-not-object"),
+    pytest.param(
+        {"/.well-known/openid-configuration": {"issuer": "https://evil.test", "jwks_uri": "JWKS"}},
+        "names issuer 'https://evil.test'",
+        id="metadata-for-another-issuer",
+    ),
+    pytest.param(
+        {"/.well-known/openid-configuration": {"issuer": "ISSUER", "jwks_uri": "http://127.0.0.1/jwks.json"}},
+        "no https jwks_uri",
+        id="plain-http-jwks-uri",
+    ),
+    pytest.param(
+        {"/.well-known/openid-configuration": {"issuer": "ISSUER", "jwks_uri": "ORIGIN/keys"}, "/keys": (200, b"{")},
+        "not JSON",
+        id="jwks-not-json",
+    ),
+    pytest.param(
+        {"/.well-known/openid-configuration": {"issuer": "ISSUER", "jwks_uri": "ORIGIN/keys"}, "/keys": {"k": []}},
+        "not a JWK Set",
+        id="jwks-not-a-key-set",
+    ),
+    pytest.param(
+        {"/.well-known/openid-configuration": {"issuer": "ISSUER", "jwks_uri": "ORIGIN/keys"}, "/keys": (500, b"")},
+        "HTTP status 500",
+        id="jwks-server-error",
+    ),
+    pytest.param(
+        {
+            "/.well-known/openid-configuration": {"issuer": "ISSUER", "jwks_uri": "ORIGIN/keys"},
+            "/keys": (200, b" " * (600 * 1024)),
+        },
+        "larger than",
+        id="jwks-too-large",
+    ),
+]
+
+
+@pytest.mark.parametrize(("documents", "cause"), BAD_KEY_SOURCES)
+def test_key_set_that_cannot_be_fetched_says_why(
+    jwks_server: JwksServer, keys: Keys, clock: Clock, documents: dict[str, Any], cause: str
+) -> None:
+    """No keys cached and none fetchable: TOKEN_KEYS_UNAVAILABLE (UNAVAILABLE), naming the cause."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("ISSUER", jwks_server.origin).replace("ORIGIN", jwks_server.origin)
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    jwks_server.documents.update({path: fill(doc) for path, doc in documents.items()})
+    verifier = _discovering_verifier(jwks_server, clock, jwks_server.origin)
+    error = refused(verifier, TokenFactory(keys.es256, issuer=jwks_server.origin).make())
+    assert error.reason is Reason.TOKEN_KEYS_UNAVAILABLE
+    assert cause in str(error)
+
+
+def test_unreachable_key_set_recovers_after_the_cooldown(jwks_server: JwksServer, keys: Keys, clock: Clock) -> None:
+    """Once the issuer answers again (after the cooldown), the same token verifies."""
+    verifier = _discovering_verifier(jwks_server, clock, jwks_server.origin)
+    token = TokenFactory(keys.es256, issuer=jwks_server.origin).make()
+    assert refused(verifier, token).reason is Reason.TOKEN_KEYS_UNAVAILABLE
+    jwks_server.documents["/.well-known/openid-configuration"] = {
+        "issuer": jwks_server.origin,
+        "jwks_uri": jwks_server.url,
+    }
+    assert refused(verifier, token).reason is Reason.TOKEN_KEYS_UNAVAILABLE  # within the cooldown
+    clock.now += 31
+    assert verify(verifier, token).issuer == jwks_server.origin
+
+
+def test_typ_jwt_only_for_the_issuer_that_opted_in(tmp_path: Path, keys: Keys, clock: Clock) -> None:
+    """token_types=["at+jwt", "JWT"] on one issuer admits typ JWT from it, and from no other."""
+    path = write_jwks(tmp_path / "jwks.json", [keys.es256])
+    other = write_jwks(tmp_path / "other.json", [keys.rs256])
+    verifier = TokenVerifier(
+        [
+            TrustedIssuer(ISSUER, AUDIENCE, jwks_file=path, token_types=("at+jwt", "JWT")),
+            TrustedIssuer("https://strict.test", AUDIENCE, jwks_file=other),
+        ],
+        clock=clock,
+    )
+    assert verify(verifier, TokenFactory(keys.es256).make(header={"typ": "JWT"})).issuer == ISSUER
+    assert verify(verifier, TokenFactory(keys.es256).make(jti="2")).issuer == ISSUER  # at+jwt still
+    strict = TokenFactory(keys.rs256, issuer="https://strict.test")
+    assert refused(verifier, strict.make(header={"typ": "JWT"})).reason is Reason.TOKEN_WRONG_TYPE
+    assert refused(verifier, TokenFactory(keys.es256).make(header={"typ": "at+jwt2"})).reason is (
+        Reason.TOKEN_WRONG_TYPE
+    )
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        pytest.param({"roles": ["calculator:compute", "admin"]}, {"calculator:compute", "admin"}, id="list"),
+        pytest.param({"roles": "a b"}, {"a", "b"}, id="space-delimited"),
+        pytest.param({}, set(), id="absent"),
+    ],
+)
+def test_scope_claim_mapping(
+    tmp_path: Path, keys: Keys, clock: Clock, claims: dict[str, Any], expected: set[str]
+) -> None:
+    """scope_claim names the claim an issuer puts its scopes in; `scope` is then ignored."""
+    path = write_jwks(tmp_path / "jwks.json", [keys.es256])
+    verifier = TokenVerifier([TrustedIssuer(ISSUER, AUDIENCE, jwks_file=path, scope_claim="roles")], clock=clock)
+    assert verify(verifier, TokenFactory(keys.es256).make(scope="ignored", **claims)).scopes == expected
 
 
 def test_key_added_to_jwks_file_is_found_on_unknown_kid(tmp_path: Path, keys: Keys, clock: Clock) -> None:

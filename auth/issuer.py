@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 
+from aigis.auth.certs import PkiError, load_crl_serials, public_jwk
 from aigis.auth.clients import (
     SCOPE_TOKEN_RE,
     ClientRegistry,
@@ -56,7 +57,6 @@ from aigis.auth.clients import (
 from aigis.auth.pki import PkiPaths
 from aigis.auth.tls import TlsError, load_tls_material
 from aigis.auth.tokens import KeySetError, parse_jwks
-from aigis.tools.certs import PkiError, load_crl_serials, public_jwk
 
 log = logging.getLogger("aigis.issuer")
 

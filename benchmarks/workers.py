@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=32)
     args = parser.parse_args(argv)
+    from aigis.auth.certs import init_pki
     from aigis.auth.pki import PkiPaths
-    from aigis.tools.certs import init_pki
 
     with tempfile.TemporaryDirectory(prefix="aigis-workers-") as tmp:
         work = Path(tmp)

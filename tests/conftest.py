@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from aigis.auth.audit import read_records
+from aigis.auth.certs import init_pki, issue_client, revoke_client
 from aigis.auth.pki import PkiPaths
 from aigis.server.app import AigisServer, start_server
 from aigis.server.config import BUNDLED_POLICY, Config, HostPort, IssuerSettings
-from aigis.tools.certs import init_pki, issue_client, revoke_client
 
 CALC = "calculator:compute"
 PREDICT = "classifier:predict"

@@ -1,6 +1,6 @@
 """Bad client certificates for attack tests, built with cryptography's x509 builders at test time.
 
-`leaf()` makes a client certificate that differs from a good one (tools/certs.py `issue_client`)
+`leaf()` makes a client certificate that differs from a good one (auth/certs.py `issue_client`)
 in exactly the ways its keyword arguments say: signed by the stack's real CA key, by another CA,
 or by itself; expired or not yet valid; with the wrong EKU, CA:TRUE, other SANs. Keys are P-256.
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 from conftest import CALC, PREDICT, RunningStack, ServerThread, make_pki, stack_config
 
-from aigis.tools.certs import issue_client
+from aigis.auth.certs import issue_client
 
 
 @contextmanager

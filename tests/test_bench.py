@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from aigis.auth.certs import init_pki
 from aigis.benchmarks import harness
 from aigis.benchmarks.harness import BenchError, percentile
 from aigis.benchmarks.inference import batching_table, config_refusal, model_variant, strip_table, write_null_model
 from aigis.server.config import BUNDLED_MODELS
 from aigis.server.model import ModelRegistry
 from aigis.tools import bench, cli
-from aigis.tools.certs import init_pki
 
 DIGITS = BUNDLED_MODELS / "digits"
 WINDOW_KEYS = {"seconds", "requests", "errors", "rps", "p50_ms", "p99_ms", "server_cpu_us_per_req",

@@ -24,9 +24,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aigis.auth.clients import ClientRegistry, RegistryError, load_registry, save_registry, verify_secret
-from aigis.auth.pki import PkiPaths
-from aigis.tools.certs import (
+from aigis.auth.certs import (
     DEMO_SCOPES,
     AlreadyExistsError,
     PkiError,
@@ -36,6 +34,8 @@ from aigis.tools.certs import (
     load_crl_serials,
     revoke_client,
 )
+from aigis.auth.clients import ClientRegistry, RegistryError, load_registry, save_registry, verify_secret
+from aigis.auth.pki import PkiPaths
 from aigis.tools.cli import main as cli_main
 
 # A pinned clock for everything that does not need a live TLS handshake.

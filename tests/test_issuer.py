@@ -26,6 +26,7 @@ from authlib.oauth2.rfc8414 import AuthorizationServerMetadata
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from aigis.auth.certs import init_pki, issue_client, public_jwk, revoke_client
 from aigis.auth.clients import RegisteredClient
 from aigis.auth.issuer import (
     JWKS_PATH,
@@ -40,7 +41,6 @@ from aigis.auth.issuer import (
     granted_scopes,
 )
 from aigis.auth.pki import PkiPaths
-from aigis.tools.certs import init_pki, issue_client, public_jwk, revoke_client
 
 FORM = "application/x-www-form-urlencoded"
 GRANT = "grant_type=client_credentials"

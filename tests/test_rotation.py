@@ -32,15 +32,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jwt import PyJWKSet
 
+from aigis.auth import certs
 from aigis.auth.clients import load_registry
 from aigis.auth.issuer import TokenService
 from aigis.auth.pki import PkiPaths
-from aigis.auth.tls import TlsCredentialStore, TlsError, load_tls_material
-from aigis.auth.tokens import load_jwks_file
-from aigis.server.app import StartupError, start_server
-from aigis.tools import certs
-from aigis.tools.cli import main as cli_main
-from aigis.tools.keys import (
+from aigis.auth.signing_keys import (
     RETIRED_KEY_GRACE,
     KeyRecord,
     KeyRotationError,
@@ -51,6 +47,10 @@ from aigis.tools.keys import (
     rotate_signing_key,
     rotated,
 )
+from aigis.auth.tls import TlsCredentialStore, TlsError, load_tls_material
+from aigis.auth.tokens import load_jwks_file
+from aigis.server.app import StartupError, start_server
+from aigis.tools.cli import main as cli_main
 from tests.calls import RPC_KINDS, Outcome, bearer, channel, issuer_token, run
 from tests.conftest import stack_config
 

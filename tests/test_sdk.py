@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from PIL import Image
 
+from aigis.auth.certs import init_pki
 from aigis.auth.issuer import x5t_s256
 from aigis.auth.pki import PkiPaths
 from aigis.client_sdk import (
@@ -54,7 +55,6 @@ from aigis.client_sdk import (
     UnimplementedError,
 )
 from aigis.client_sdk.errors import REQUEST_ID_KEY, error_from_rpc, error_from_status, status_lost
-from aigis.tools.certs import init_pki
 from tests.conftest import CALC, PREDICT, RunningStack
 
 SAMPLES = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples"

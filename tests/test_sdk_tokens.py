@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from aigis.auth.certs import init_pki
 from aigis.auth.pki import PkiPaths
 from aigis.client_sdk import ClientCredentials, StaticToken, TokenError, TokenProvider
-from aigis.tools.certs import init_pki
 
 SCOPES = ("calculator:compute", "classifier:predict")
 # A secret with every character that needs form-encoding inside HTTP Basic (RFC 6749 §2.3.1).

@@ -385,7 +385,7 @@ def generate_cnn(root: Path) -> Path:
 def make_pki(root: Path) -> PkiPaths:
     """A throwaway PKI: CA, server, `demo` (both scopes) and `flood` (a valid certificate whose
     tokens will be forged)."""
-    from aigis.tools.certs import init_pki, issue_client
+    from aigis.auth.certs import init_pki, issue_client
 
     pki = PkiPaths(root)
     now = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""`aigis certs init|issue|revoke|list`: the command line over tools/certs.py.
+"""`aigis certs init|issue|revoke|list`: the command line over auth/certs.py.
 
 Only this module prints. It prints paths, serials and fingerprints, never a private key; a client
 secret is printed once, when it is generated, because only its hash is kept.
@@ -11,8 +11,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from aigis.auth import certs
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
-from aigis.tools import certs
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

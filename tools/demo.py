@@ -21,11 +21,11 @@ import grpc
 import jwt
 
 from aigis.auth.audit import read_records
+from aigis.auth.certs import init_pki, issue_client, revoke_client
 from aigis.auth.pki import PkiPaths
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from aigis.client_sdk import AigisError, Client, ClientCredentials
 from aigis.tools import audit_cmd
-from aigis.tools.certs import init_pki, issue_client, revoke_client
 
 SAMPLE_DIGIT = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples" / "7.png"
 READY_TIMEOUT_SECONDS = 60.0

@@ -1,4 +1,4 @@
-"""`aigis keys rotate|list`: the command line over tools/keys.py.
+"""`aigis keys rotate|list`: the command line over auth/signing_keys.py.
 
 Only this module prints. It prints key ids and times, never key material.
 """
@@ -10,9 +10,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from aigis.auth import signing_keys as keys
+from aigis.auth.certs import PkiError
 from aigis.auth.pki import PkiPaths
-from aigis.tools import keys
-from aigis.tools.certs import PkiError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

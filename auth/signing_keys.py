@@ -36,10 +36,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from aigis.auth.certs import PkiError, _new_key, _require_aware, _write_file, _write_private_key, public_jwk
 from aigis.auth.clients import parse_aware_time
 from aigis.auth.issuer import MAX_TOKEN_TTL
 from aigis.auth.pki import PkiPaths
-from aigis.tools.certs import PkiError, _new_key, _require_aware, _write_file, _write_private_key, public_jwk
 
 # The largest `auth.leeway_seconds` server/config.py accepts: a verifier may accept a token this long
 # after its `exp`.

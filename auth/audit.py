@@ -13,6 +13,11 @@ honest third choice.
 
 Crash safety: at start the writer cuts a torn last line (a crash mid-write) off the active
 file, then continues the chain from the last whole record, so `aigis audit verify` passes again.
+
+`stdout=True` (in a container, for a log collector) writes the same sealed lines to standard
+output instead, one write per line, so each line stays whole beside JSON log lines (a line under
+PIPE_BUF, 4 KiB, is written atomically to a pipe). There is nothing to resume from: the chain
+starts at seq 1 with each process, and nothing is rotated or fsynced (the collector owns that).
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class AuditLog:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_batch: int = 512,
         fsync: bool = True,
+        stdout: bool = False,
     ) -> None:
         if max_bytes <= 0 or queue_size <= 0 or max_batch <= 0:
             raise ValueError("max_bytes, queue_size and max_batch must be greater than 0")
@@ -126,7 +132,10 @@ class AuditLog:
         self._max_bytes = max_bytes
         self._queue_size = queue_size
         self._max_batch = max_batch
-        self._fsync = fsync
+        self._fsync = fsync and not stdout
+        self._stdout = stdout
+        # On a shared stdout, the writer's name tells one worker's chain from another's.
+        self._tag = {"writer": str(worker_id)} if stdout and worker_id is not None else None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cond = threading.Condition(threading.Lock())
         self._pending = 0  # queued or being written; bounded by queue_size
@@ -190,6 +199,11 @@ class AuditLog:
         Blocking file I/O: call it in a thread when an event loop is running.
         """
         self._key = load_hmac_key(self._key_file) if self._key_file is not None else None
+        if self._stdout:
+            self._fd, self._rotate_at = os.dup(1), float("inf")  # type: ignore[assignment]
+            self._thread = threading.Thread(target=self._run, name="aigis-audit-writer", daemon=True)
+            self._thread.start()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -221,7 +235,8 @@ class AuditLog:
         self._thread.join()
         self._thread = None
         os.close(self._fd)
-        os.close(self._lock_fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
         # An anchor outside the file: cutting whole records off its end is the one change a
         # chain alone cannot show.
         log.info("audit log %s closed at seq %d (chain %s)", self.path, self._seq, self._chain)
@@ -303,6 +318,8 @@ class AuditLog:
         size, done = self._size, 0
         seq, chain = self._seq, self._chain
         for entry in entries:
+            if self._tag is not None:
+                entry = {**entry, **self._tag}
             try:
                 line, next_chain = seal(entry, seq + 1, chain, self._key)
             except (TypeError, ValueError):
@@ -332,13 +349,16 @@ class AuditLog:
             return True
         data = b"".join(lines)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            for chunk in lines if self._stdout else [data]:  # a pipe: one write per line keeps lines whole
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self._fd, view) :]
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as exc:
             log.error("audit log write failed (%s); %d record(s) will be reported lost", exc.strerror, len(lines))
+            if self._stdout:
+                return False
             try:
                 os.ftruncate(self._fd, self._size)
             except OSError:

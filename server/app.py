@@ -90,7 +90,7 @@ def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIss
     ]
     if embedded_url is not None or not issuers:
         url = embedded_url or config.issuer.issuer_url()
-        issuers.append(TrustedIssuer(url, config.issuer.audience, jwks_file=PkiPaths(config.certs).jwks))
+        issuers.append(TrustedIssuer(url, config.issuer.audience, jwks_file=config.pki.jwks))
     return issuers
 
 
@@ -132,7 +132,12 @@ def client_certificate_policy(config: Config, pki: PkiPaths) -> ClientCertificat
 
 
 class FileWatcher:
-    """Reloads a file when its mtime changes; a broken new file is refused, the last good kept."""
+    """Reloads a file when it changes; a broken new file is refused, the last good kept.
+
+    "Changes" means its (device, inode, size, mtime) changed, following symlinks: a Kubernetes
+    Secret or ConfigMap volume updates by atomically re-pointing the `..data` symlink at a new
+    directory, so a mounted `tls.crt -> ..data/tls.crt` becomes another inode, whatever its mtime.
+    """
 
     def __init__(
         self,
@@ -144,11 +149,12 @@ class FileWatcher:
         self.path, self._load, self._apply, self._refused = path, load, apply, refused
         self._stamp = self._mtime()
 
-    def _mtime(self) -> float | None:
+    def _mtime(self) -> tuple[int, int, int, int] | None:
         try:
-            return self.path.stat().st_mtime_ns
+            st = self.path.stat()
         except OSError:
             return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
     async def poll(self) -> None:
         stamp = await asyncio.to_thread(self._mtime)
@@ -220,7 +226,7 @@ class AigisServer:
 
 async def start_server(config: Config) -> AigisServer:
     """Build everything from `config` and start serving. Raises StartupError on bad input."""
-    pki = PkiPaths(config.certs)
+    pki = config.pki
     tls = await asyncio.to_thread(server_credentials, pki)
     try:
         policy = await asyncio.to_thread(Policy.load, config.policy)
@@ -268,6 +274,7 @@ async def start_server(config: Config) -> AigisServer:
     audit = AuditLog(
         config.audit_log, hmac_key_file=config.audit_hmac_key_file, worker_id=config.worker_id,
         max_bytes=config.audit_max_bytes, queue_size=config.audit_queue_size, fsync=config.audit_fsync,
+        stdout=config.audit_output == "stdout",
     )  # fmt: skip
     try:
         await asyncio.to_thread(audit.start)

@@ -4,17 +4,24 @@ Every value has a safe default, so no file is needed for the embedded setup. Unk
 invalid values stop start-up with a message naming the key (a typo must not silently fall back
 to a default). Relative paths in the file are relative to the file; command-line overrides are
 relative to the working directory.
+
+Precedence, lowest first: built-in default < aigis.toml < `AIGIS_<SECTION>_<KEY>` environment
+variable < command-line flag. `load_config` is the one entry point for all three (see its
+docstring for how environment values are spelled).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from aigis.auth.pki import PkiPaths
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODELS = PACKAGE_DIR / "models"
@@ -24,6 +31,11 @@ ALLOWED_ALGORITHMS = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdD
 
 TOML_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                    list: "an array", dict: "a table"}
+ENV_PREFIX = "AIGIS_"
+# The TOML tables an environment variable may set: AIGIS_SERVER_LISTEN is [server] listen.
+ENV_SECTIONS = ("server", "auth", "issuer", "audit", "limits", "metrics", "files", "probes", "log")
+LOG_FORMATS = ("text", "json")
+AUDIT_OUTPUTS = ("file", "stdout")
 
 
 class ConfigError(ValueError):
@@ -67,6 +79,41 @@ class IssuerSettings:
 
     def issuer_url(self, port: int | None = None) -> str:
         return self.url or f"https://localhost:{port if port is not None else self.listen.port}"
+
+
+@dataclass(frozen=True)
+class FileLocations:
+    """[files]: files that do not live under `certs` with aigis's own names.
+
+    `tls_secret` is a mounted Kubernetes TLS Secret directory (tls.crt, tls.key, ca.crt); the
+    explicit `server_cert` / `server_key` / `ca_bundle` keys win over it.
+    """
+
+    tls_secret: Path | None = None
+    server_cert: Path | None = None
+    server_key: Path | None = None
+    ca_bundle: Path | None = None  # CAs whose client certificates the server accepts
+    crl: Path | None = None
+    jwks: Path | None = None  # the embedded issuer's published keys, which the server trusts
+    client_registry: Path | None = None
+    signing_key: Path | None = None  # the issuer's active private key (`aigis issuer`)
+    signing_keys_metadata: Path | None = None
+
+    def pki(self, certs: Path) -> PkiPaths:
+        base = PkiPaths(certs)
+        if self.tls_secret is not None:
+            base = base.with_tls_secret(self.tls_secret)
+        return replace(
+            base,
+            server_cert_file=self.server_cert or base.server_cert_file,
+            server_key_file=self.server_key or base.server_key_file,
+            ca_cert_file=self.ca_bundle or base.ca_cert_file,
+            crl_file=self.crl,
+            jwks_file=self.jwks,
+            clients_registry_file=self.client_registry,
+            signing_key_file=self.signing_key,
+            signing_keys_metadata_file=self.signing_keys_metadata,
+        )
 
 
 @dataclass(frozen=True)
@@ -120,6 +167,22 @@ class Config:
     worker_id: int | None = None
     # Trusted external issuers. When empty, tokens from the embedded issuer are trusted.
     external_issuers: tuple[ExternalIssuer, ...] = ()
+    files: FileLocations = field(default_factory=FileLocations)
+    # [log] format: "text" for people, "json" (one object per line on stdout) for log collectors.
+    log_format: str = "text"
+    # [audit] output: "file" (audit_log, rotated, resumed after a restart) or "stdout" (the same
+    # chained JSON lines, for a collector; the chain starts afresh with each process).
+    audit_output: str = "file"
+    # [probes] listen: plain-HTTP /livez and /readyz for the kubelet; None (the default) is off.
+    probes_listen: HostPort | None = None
+    # [server] drain_seconds: after SIGTERM, /readyz fails and calls are still served this long
+    # (endpoints controllers and clients move away) before the `grace_seconds` shutdown begins.
+    drain_seconds: float = 0.0
+
+    @property
+    def pki(self) -> PkiPaths:
+        """Every file location the server and issuer read, after [files]."""
+        return self.files.pki(self.certs)
 
 
 def parse_host_port(value: Any, key: str) -> HostPort:
@@ -137,23 +200,63 @@ def parse_host_port(value: Any, key: str) -> HostPort:
     return HostPort(host, int(port_text))
 
 
-class _Section:
-    """Typed reads from one TOML table that remember which keys were used."""
+def environment_variable(section: str, key: str) -> str:
+    """The variable that overrides `[section] key`: AIGIS_SERVER_LISTEN for [server] listen."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
 
-    def __init__(self, table: Mapping[str, Any], prefix: str, base: Path) -> None:
+
+def _from_environment(text: str, kinds: tuple[type, ...], variable: str) -> Any:
+    """An environment value as the key's TOML type: numbers, true/false, comma-separated arrays."""
+    if str in kinds:
+        return text
+    if bool in kinds:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{variable}: expected true or false, got {text!r}")
+    if list in kinds:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    for kind in (int, float):
+        if kind in kinds:
+            try:
+                return kind(text)
+            except ValueError:
+                continue
+    expected = " or ".join(TOML_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+    raise ConfigError(f"{variable}: expected {expected}, got {text!r}")
+
+
+class _Section:
+    """Typed reads from one TOML table (and its AIGIS_<SECTION>_<KEY> variables) that remember
+    which keys were used."""
+
+    def __init__(
+        self, table: Mapping[str, Any], prefix: str, base: Path, environ: Mapping[str, str] | None = None
+    ) -> None:
         if not isinstance(table, Mapping):
             raise ConfigError(f"{prefix}: expected a table")
         self.table, self.prefix, self.base, self.used = table, prefix, base, set[str]()
+        self.environ = environ or {}
+        self.from_env: set[str] = set()  # keys whose value came from the environment
 
     def key(self, name: str) -> str:
+        if name in self.from_env:
+            return environment_variable(self.prefix, name)
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
         self.used.add(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        variable = environment_variable(self.prefix, name) if self.prefix else ""
+        if variable in self.environ:
+            if dict in kinds or name == "issuers":
+                raise ConfigError(f"{variable}: [{self.prefix}] {name} can only be set in the file")
+            self.from_env.add(name)
+            return _from_environment(self.environ[variable], kinds, variable)
         if name not in self.table:
             return default
         value = self.table[name]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
         # TOML booleans are Python ints; `true` is not a valid port or thread count.
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             expected = " or ".join(TOML_TYPE_NAMES.get(k, k.__name__) for k in kinds)
@@ -166,7 +269,11 @@ class _Section:
             return default
         if not value:
             raise ConfigError(f"{self.key(name)}: must not be empty")
-        return (self.base / value).resolve() if not Path(value).is_absolute() else Path(value)
+        if Path(value).is_absolute():
+            return Path(value)
+        # A relative path from the environment is relative to the working directory, like a flag.
+        base = Path.cwd() if name in self.from_env else self.base
+        return (base / value).resolve()
 
     def positive(self, name: str, default: float, kind: type | tuple[type, ...] = (int, float)) -> Any:
         value = self.get(name, kind, default)
@@ -174,23 +281,38 @@ class _Section:
             raise ConfigError(f"{self.key(name)}: must be greater than 0, got {value!r}")
         return value
 
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise ConfigError(f"{self.key(name)}: expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
     def finish(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+        prefix = environment_variable(self.prefix, "") if self.prefix else ""
+        stray = sorted(v for v in self.environ if prefix and v.startswith(prefix) and v[len(prefix):].lower()
+                       not in self.used)
+        if stray:
+            raise ConfigError(f"{stray[0]}: unknown setting (no [{self.prefix}] {stray[0][len(prefix):].lower()})")
 
 
-def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
-    """Validate a parsed TOML document; paths in it are relative to `base`."""
+def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document; paths in it are relative to `base`. `environ`'s
+    AIGIS_<SECTION>_<KEY> variables override the document's keys."""
     default = Config()
+    env = {k: v for k, v in (environ or {}).items() if k.startswith(ENV_PREFIX)}
     top = _Section(data, "", base)
-    server = _Section(top.get("server", dict, {}), "server", base)
-    auth = _Section(top.get("auth", dict, {}), "auth", base)
-    issuer = _Section(top.get("issuer", dict, {}), "issuer", base)
-    audit = _Section(top.get("audit", dict, {}), "audit", base)
-    limits_table = _Section(top.get("limits", dict, {}), "limits", base)
-    metrics = _Section(top.get("metrics", dict, {}), "metrics", base)
+
+    def section(name: str) -> _Section:
+        return _Section(top.get(name, dict, {}), name, base, env)
+
+    server, auth, issuer, audit = section("server"), section("auth"), section("issuer"), section("audit")
+    limits_table, metrics, files_table = section("limits"), section("metrics"), section("files")
+    probes, log_table = section("probes"), section("log")
     top.finish()
+    probes_listen = probes.get("listen", str, None)
     metrics_listen = metrics.get("listen", str, None)
     metrics_enabled = metrics.get("enabled", bool, True)
     limits = _limits(limits_table)
@@ -215,13 +337,13 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         raise ConfigError(f"issuer.url: must be an https:// URL, got {issuer_url!r}")
     issuer_settings = IssuerSettings(
         enabled=issuer.get("enabled", bool, True),
-        listen=parse_host_port(issuer_listen, "issuer.listen") if issuer_listen else IssuerSettings.listen,
+        listen=parse_host_port(issuer_listen, issuer.key("listen")) if issuer_listen else IssuerSettings.listen,
         url=issuer_url,
         audience=issuer.get("audience", str, "aigis") or _empty("issuer.audience"),
         token_ttl=timedelta(seconds=issuer.positive("token_ttl_seconds", 300, int)),
     )
     config = Config(
-        listen=parse_host_port(listen, "server.listen") if listen else default.listen,
+        listen=parse_host_port(listen, server.key("listen")) if listen else default.listen,
         certs=server.path("certs", default.certs) or default.certs,
         models=server.path("models", default.models) or default.models,
         policy=auth.path("policy", default.policy) or default.policy,
@@ -238,16 +360,32 @@ def config_from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         algorithms=tuple(algorithms),
         issuer=issuer_settings,
         limits=limits,
-        metrics_listen=(parse_host_port(metrics_listen, "metrics.listen") if metrics_listen else default.metrics_listen)
+        metrics_listen=(
+            parse_host_port(metrics_listen, metrics.key("listen")) if metrics_listen else default.metrics_listen
+        )
         if metrics_enabled
         else None,
         trust_domain=auth.get("trust_domain", str, ""),
         require_bound_tokens=auth.get("require_bound_tokens", bool, False),
         external_issuers=externals,
+        files=FileLocations(
+            **{name: files_table.path(name, None) for name in FileLocations.__dataclass_fields__}
+        ),
+        log_format=log_table.choice("format", LOG_FORMATS, default.log_format),
+        audit_output=audit.choice("output", AUDIT_OUTPUTS, default.audit_output),
+        probes_listen=parse_host_port(probes_listen, probes.key("listen")) if probes_listen else None,
+        drain_seconds=_drain(server),
     )
-    for section in (server, auth, issuer, audit, limits_table, metrics):
-        section.finish()
+    for table in (server, auth, issuer, audit, limits_table, metrics, files_table, probes, log_table):
+        table.finish()
     return config
+
+
+def _drain(server: _Section) -> float:
+    value = server.get("drain_seconds", (int, float), 0.0)
+    if not 0 <= value <= 300:
+        raise ConfigError(f"{server.key('drain_seconds')}: must be between 0 and 300, got {value!r}")
+    return float(value)
 
 
 def _limits(section: _Section) -> Limits:
@@ -301,22 +439,33 @@ def _external_issuer(entry: Any, prefix: str, base: Path) -> ExternalIssuer:
     return ExternalIssuer(issuer, audience, jwks_url, jwks_file, ca_file, tuple(token_types), scope_claim)
 
 
-def load_config(path: Path | None, **overrides: Any) -> Config:
-    """Load `path` (or the defaults when None), then apply command-line overrides.
+def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """The configuration: defaults < the file `path` (if any) < environment < `overrides`.
 
-    Overrides use Config field names; None values are ignored. `listen` and `issuer_listen`
-    take HOST:PORT strings.
+    Environment: `AIGIS_<SECTION>_<KEY>` sets `[section] key` of aigis.toml, for every section
+    (server, auth, issuer, audit, limits, metrics, files, probes, log) and every key except the
+    `[[auth.issuers]]` tables; e.g. AIGIS_SERVER_LISTEN=0.0.0.0:50051, AIGIS_FILES_TLS_SECRET=/tls,
+    AIGIS_AUDIT_OUTPUT=stdout. Values are spelled as on a command line: numbers, true/false,
+    arrays comma-separated (AIGIS_AUTH_ALGORITHMS=ES256,RS256); relative paths are relative to
+    the working directory. An AIGIS_<SECTION>_* variable naming no key stops start-up, like an
+    unknown key in the file; other AIGIS_* variables (AIGIS_CONFIG) are not settings.
+    `environ` defaults to os.environ.
+
+    Overrides (command-line flags) use Config field names; None values are ignored. `listen` and
+    `issuer_listen` take HOST:PORT strings.
     """
-    if path is None:
-        config = Config()
-    else:
+    environ = os.environ if environ is None else environ
+    data: Mapping[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read configuration ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-        config = config_from_mapping(data, path.resolve().parent)
+        base = path.resolve().parent
+    config = config_from_mapping(data, base, environ)
     changes: dict[str, Any] = {}
     for name, value in overrides.items():
         if value is None:

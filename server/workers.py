@@ -55,8 +55,9 @@ def _worker_main(config: Config, conn: multiprocessing.connection.Connection, lo
     import asyncio
 
     from aigis.server.app import StartupError, serve
+    from aigis.server.logs import configure_logging
 
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s w{config.worker_id} %(name)s: %(message)s")
+    configure_logging(log_level, config.log_format, static={"worker": config.worker_id})
 
     def ready(running: Any) -> None:
         issuer = running.issuer

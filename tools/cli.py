@@ -21,6 +21,7 @@ DEFAULT_ISSUER = "https://localhost:8443"
 def _serve(args: argparse.Namespace) -> int:
     from aigis.server.app import StartupError, serve
     from aigis.server.config import ConfigError, load_config
+    from aigis.server.logs import configure_logging
 
     try:
         config = load_config(
@@ -37,6 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"aigis serve: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, config.log_format)
 
     def ready(running: object) -> None:
         port = running.port  # type: ignore[attr-defined]
@@ -44,7 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
         info = {"target": f"localhost:{port}", "port": port, "issuer_url": issuer.url if issuer else None,
                 "metrics_port": running.metrics_port}  # type: ignore[attr-defined]
         issuer_note = f", token issuer {issuer.url}" if issuer else ""
-        print(f"aigis: serving on {config.listen.host}:{port}{issuer_note}", flush=True)
+        if config.log_format == "text":  # with JSON logs, stdout carries nothing but JSON lines
+            print(f"aigis: serving on {config.listen.host}:{port}{issuer_note}", flush=True)
         write_ready(info)
 
     def write_ready(info: dict[str, object]) -> None:
@@ -58,8 +61,9 @@ def _serve(args: argparse.Namespace) -> int:
 
         def workers_ready(infos: list) -> None:  # type: ignore[type-arg]
             first = infos[0]
-            print(f"aigis: {len(infos)} workers serving on {config.listen.host}:{first.port}, "
-                  f"token issuer {first.issuer_url}", flush=True)
+            if config.log_format == "text":
+                print(f"aigis: {len(infos)} workers serving on {config.listen.host}:{first.port}, "
+                      f"token issuer {first.issuer_url}", flush=True)
             write_ready({"target": f"localhost:{first.port}", "port": first.port, "issuer_url": first.issuer_url,
                          "metrics_ports": [i.metrics_port for i in infos], "pids": [i.pid for i in infos]})
 
@@ -134,6 +138,11 @@ def _call(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigis", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -144,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.register(sub)
 
     serve = sub.add_parser("serve", help="run the gRPC server and the embedded token issuer")
-    serve.add_argument("--config", type=Path, help="aigis.toml (defaults apply without one)")
+    serve.add_argument("--config", type=Path, default=_env_path("AIGIS_CONFIG"),
+                       help="aigis.toml (default: $AIGIS_CONFIG; defaults apply without one)")
     serve.add_argument("--listen", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
     serve.add_argument("--certs", type=Path, help="certificate directory (default ./certs)")
     serve.add_argument("--policy", type=Path, help="authorization policy JSON (default: bundled)")

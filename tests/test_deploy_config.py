@@ -44,16 +44,16 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     ("variable", "value", "field", "expected"),
     [
-        ("AIGIS_SERVER_LISTEN", "0.0.0.0:6000", "listen", HostPort("0.0.0.0", 6000)),
+        ("AIGIS_SERVER_LISTEN", "10.0.0.2:6000", "listen", HostPort("10.0.0.2", 6000)),
         ("AIGIS_SERVER_GRACE_SECONDS", "2.5", "grace_seconds", 2.5),
         ("AIGIS_SERVER_DRAIN_SECONDS", "7", "drain_seconds", 7.0),
         ("AIGIS_SERVER_WORKERS", "3", "workers", 3),
         ("AIGIS_AUTH_ALGORITHMS", "ES256, RS256", "algorithms", ("ES256", "RS256")),
         ("AIGIS_AUTH_REQUIRE_BOUND_TOKENS", "true", "require_bound_tokens", True),
         ("AIGIS_AUTH_POLICY", "/etc/aigis/policy/policy.json", "policy", Path("/etc/aigis/policy/policy.json")),
-        ("AIGIS_METRICS_LISTEN", "0.0.0.0:9464", "metrics_listen", HostPort("0.0.0.0", 9464)),
+        ("AIGIS_METRICS_LISTEN", "10.0.0.2:9464", "metrics_listen", HostPort("10.0.0.2", 9464)),
         ("AIGIS_METRICS_ENABLED", "off", "metrics_listen", None),
-        ("AIGIS_PROBES_LISTEN", "0.0.0.0:8080", "probes_listen", HostPort("0.0.0.0", 8080)),
+        ("AIGIS_PROBES_LISTEN", "10.0.0.2:8080", "probes_listen", HostPort("10.0.0.2", 8080)),
         ("AIGIS_LOG_FORMAT", "json", "log_format", "json"),
         ("AIGIS_AUDIT_OUTPUT", "stdout", "audit_output", "stdout"),
         ("AIGIS_FILES_TLS_SECRET", "/tls", "files", FileLocations(tls_secret=Path("/tls"))),
@@ -219,7 +219,7 @@ def test_json_logs_and_audit_on_stdout(tmp_path: Path) -> None:
     env = {**os.environ, "AIGIS_CONFIG": str(config), "AIGIS_SERVER_CERTS": str(pki.root),
            "AIGIS_LOG_FORMAT": "json", "AIGIS_AUDIT_OUTPUT": "stdout", "AIGIS_METRICS_ENABLED": "false",
            "AIGIS_SERVER_GRACE_SECONDS": "1"}
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [sys.executable, "-m", "aigis.tools.cli", "serve", "--ready-file", str(ready)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )

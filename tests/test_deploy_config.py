@@ -21,10 +21,10 @@ import grpc
 import pytest
 from cryptography import x509
 
+from aigis.auth import certs
 from aigis.auth.audit_chain import verify_log
 from aigis.auth.pki import PkiPaths
 from aigis.server.config import ConfigError, FileLocations, HostPort, load_config
-from aigis.tools import certs
 from tests.calls import RPC_KINDS, bearer, channel, issuer_token, run
 from tests.conftest import make_pki
 from tests.kube_volume import DATA, project

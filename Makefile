@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos model serve bench clean
+.PHONY: demo test lint protos model serve bench clean idp
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m aigis.tools.gen_protos --check
 	$(BIN)/python -m pytest
+
+# The real external IdP the tests start (node's oidc-provider, pinned by tests/idp/package-lock.json).
+# Without npm the tests that need it are skipped (outside CI).
+IDP_STAMP := tests/idp/node_modules/.package-lock.json
+$(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
+	npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
+
+idp: $(IDP_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

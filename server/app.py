@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -254,7 +256,16 @@ async def start_server(config: Config) -> AigisServer:
     try:
         issuers = trusted_issuers(config, issuer.issuer_url if issuer is not None else None)
         # In a thread: key set files and TLS trust anchors are read here.
-        verifier = await asyncio.to_thread(TokenVerifier, issuers, algorithms=config.algorithms, leeway=config.leeway)
+        verifier = await asyncio.to_thread(
+            functools.partial(
+                TokenVerifier,
+                issuers,
+                algorithms=config.algorithms,
+                leeway=config.leeway,
+                jwks_lifespan=timedelta(seconds=config.jwks_cache_seconds),
+                jwks_cooldown=timedelta(seconds=config.jwks_min_refetch_seconds),
+            )
+        )
     except Exception as exc:
         if issuer is not None:
             issuer.stop()

@@ -183,6 +183,10 @@ class Config:
     def pki(self) -> PkiPaths:
         """Every file location the server and issuer read, after [files]."""
         return self.files.pki(self.certs)
+    # Remote (https) key sets: how long a fetched set is used before a refresh, and the least time
+    # between two fetches (bounds what a stream of made-up `kid`s can make us do).
+    jwks_cache_seconds: float = 300.0
+    jwks_min_refetch_seconds: float = 30.0
 
 
 def parse_host_port(value: Any, key: str) -> HostPort:
@@ -375,6 +379,8 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         audit_output=audit.choice("output", AUDIT_OUTPUTS, default.audit_output),
         probes_listen=parse_host_port(probes_listen, probes.key("listen")) if probes_listen else None,
         drain_seconds=_drain(server),
+        jwks_cache_seconds=auth.positive("jwks_cache_seconds", default.jwks_cache_seconds),
+        jwks_min_refetch_seconds=auth.positive("jwks_min_refetch_seconds", default.jwks_min_refetch_seconds),
     )
     for table in (server, auth, issuer, audit, limits_table, metrics, files_table, probes, log_table):
         table.finish()

@@ -16,6 +16,7 @@ from typing import Any
 from conftest import CALC, PREDICT, RunningStack, ServerThread, make_pki, stack_config
 
 from aigis.auth.certs import issue_client
+from aigis.auth.pki import PkiPaths
 
 
 @contextmanager
@@ -24,12 +25,15 @@ def private_stack(
     *,
     clients: Iterable[str] = (),
     policy: dict[str, Any] | None = None,
+    pki: PkiPaths | None = None,
     **changes: Any,
 ) -> Iterator[RunningStack]:
-    """A running server + issuer under `root`: the conftest PKI plus `clients` (both scopes), the
-    given A43 `policy` (default: conftest's), and other Config `changes`."""
+    """A running server + issuer under `root`: the conftest PKI (or `pki`, made by `make_pki`) plus
+    `clients` (both scopes), the given A43 `policy` (default: conftest's), and other Config `changes`."""
     now = datetime.now(UTC)
-    pki, secret = make_pki(root / "certs", now)
+    secret = ""
+    if pki is None:
+        pki, secret = make_pki(root / "certs", now)
     for name in clients:
         issue_client(pki, name, scopes=[CALC, PREDICT], now=now)
     if policy is not None:

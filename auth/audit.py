@@ -5,6 +5,12 @@ event loop); the writer thread seals each record into the chain (auth.audit_chai
 batch with one write, and fsyncs it. Field names follow gRFC A59 (rpc_method, principal,
 policy_name, matched_rule, authorized). Records never hold a token.
 
+Durability (`Durability`): by default a denial is answered only once its record is on disk
+(`record_durably`). That costs no extra write per denial: whatever queued while the writer was
+busy goes out in the next batch with one write and one fsync (group commit), and the writer wakes
+the event loop once per batch, not once per record. So a flood makes bigger batches, and a
+`kill -9` loses nothing a client has seen.
+
 Nothing is lost silently: the queue is bounded, and a record that finds it full is counted
 instead; the writer then appends an `audit_overflow` record (how many, their reasons, when) into
 the chain as soon as it has caught up. Blocking the event loop would stall every RPC, and an
@@ -22,6 +28,8 @@ starts at seq 1 with each process, and nothing is rotated or fsynced (the collec
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import errno
 import fcntl
 import json
@@ -49,7 +57,10 @@ from aigis.auth.audit_chain import (
     writer_path,
 )
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "AuditError", "AuditLog", "read_records", "rfc3339_now"]
+__all__ = [
+    "DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "DURABLE_WAIT_SECONDS", "AuditError", "AuditLog", "Durability",
+    "read_records", "rfc3339_now",
+]  # fmt: skip
 
 log = logging.getLogger("aigis.audit")
 
@@ -57,6 +68,9 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # ~1.2 KB per queued record: about 40 MB at most, several seconds of a full-speed denial flood
 # while the disk stalls (the writer drains >100k records/s otherwise).
 DEFAULT_QUEUE_SIZE = 32_768
+# How long a denial waits for its record to reach the disk before it is answered UNAVAILABLE
+# instead (a stalled disk must not hold calls forever; the client then saw no denial).
+DURABLE_WAIT_SECONDS = 5.0
 OVERFLOW_EVENT = "audit_overflow"
 _STOP = object()
 _TAIL_CHUNK = 64 * 1024
@@ -64,6 +78,18 @@ _TAIL_CHUNK = 64 * 1024
 
 def rfc3339_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Durability(enum.StrEnum):
+    """When a denial is answered, relative to its audit record reaching the disk."""
+
+    # After write(2) and fsync(2) of the batch that holds it: survives kill -9, OS crash, power loss.
+    FSYNC = "fsync"
+    # After write(2); no fsync: survives kill -9 of the server, not an OS crash or a power cut.
+    WRITE = "write"
+    # At once; written behind (fsync per batch): a kill -9 loses the records still queued (up to
+    # `queue_size`, in practice one batch), and those clients did see their denials.
+    BACKGROUND = "background"
 
 
 @dataclass
@@ -75,9 +101,13 @@ class _Drops:
     causes: Counter[str] = field(default_factory=Counter)
     first: str | None = None
     last: str | None = None
+    # Denials waiting for this overflow record to be on disk before they are answered.
+    waiters: list[asyncio.Future[bool]] = field(default_factory=list)
 
-    def add(self, entry: Mapping[str, Any], cause: str) -> None:
+    def add(self, entry: Mapping[str, Any], cause: str, waiter: asyncio.Future[bool] | None = None) -> None:
         self.count += 1
+        if waiter is not None:
+            self.waiters.append(waiter)
         self.by_reason[str(entry.get("reason") or entry.get("event") or "-")] += 1
         self.causes[cause] += 1
         stamp = entry.get("timestamp")
@@ -120,7 +150,9 @@ class AuditLog:
         max_bytes: int = DEFAULT_MAX_BYTES,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_batch: int = 512,
-        fsync: bool = True,
+        durability: Durability = Durability.FSYNC,
+        fsync: bool | None = None,
+        durable_wait: float = DURABLE_WAIT_SECONDS,
         stdout: bool = False,
     ) -> None:
         if max_bytes <= 0 or queue_size <= 0 or max_batch <= 0:
@@ -132,7 +164,10 @@ class AuditLog:
         self._max_bytes = max_bytes
         self._queue_size = queue_size
         self._max_batch = max_batch
-        self._fsync = fsync and not stdout
+        self.durability = durability
+        self._durable_wait = durable_wait
+        # Only WRITE skips fsync (tests may switch it off to run faster); stdout cannot be fsynced.
+        self._fsync = (durability is not Durability.WRITE if fsync is None else fsync) and not stdout
         self._stdout = stdout
         # On a shared stdout, the writer's name tells one worker's chain from another's.
         self._tag = {"writer": str(worker_id)} if stdout and worker_id is not None else None
@@ -156,18 +191,44 @@ class AuditLog:
     # ---- the event-loop side -------------------------------------------------------------------
 
     def record(self, entry: Mapping[str, Any]) -> None:
-        """Queue one record; called on the event loop, so it only counts and enqueues."""
+        """Queue one record without waiting for it (allowed calls, writer events)."""
+        self._submit(entry, None)
+
+    async def record_durably(self, entry: Mapping[str, Any]) -> bool:
+        """Queue one record and return True once it is on disk, per `durability`.
+
+        A record that found the queue full counts as on disk once the overflow record counting
+        it is. False: it could not be made durable within `durable_wait` s (disk full, stalled,
+        log closed); the caller must not show the client a denial then. Call on the event loop.
+        """
+        if self.durability is Durability.BACKGROUND:
+            self._submit(entry, None)
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._submit(entry, waiter)
+        if waiter.done():
+            return waiter.result()
+        timer = loop.call_later(self._durable_wait, _settle_now, [waiter], False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    def _submit(self, entry: Mapping[str, Any], waiter: asyncio.Future[bool] | None) -> None:
         with self._cond:
             if self._closed:
                 log.error("audit record after close is lost (request %s)", entry.get("request_id"))
+                if waiter is not None:
+                    waiter.set_result(False)
                 return
             if self._pending >= self._queue_size:
-                self._drops.add(entry, "queue_full")
+                self._drops.add(entry, "queue_full", waiter)
                 self._dropped_total += 1
                 return
             self._pending += 1
             # Inside the lock, so nothing can be queued behind close()'s stop marker.
-            self._queue.put(entry)
+            self._queue.put((entry, waiter))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far (and any overflow record) is on disk."""
@@ -242,6 +303,8 @@ class AuditLog:
         log.info("audit log %s closed at seq %d (chain %s)", self.path, self._seq, self._chain)
         if self._drops.count:
             log.error("audit log closed with %d record(s) never written", self._drops.count)
+        _settle(self._drops.waiters, False)
+        self._drops.waiters = []
 
     # ---- resuming after a restart or crash -------------------------------------------------------
 
@@ -279,34 +342,41 @@ class AuditLog:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if any(entry is _STOP for entry in batch):
+            if any(item is _STOP for item in batch):
                 stopping = True
-                batch = [entry for entry in batch if entry is not _STOP]
+                batch = [item for item in batch if item is not _STOP]
             try:
-                written = self._append(batch) if batch else 0
+                written = self._append([entry for entry, _ in batch]) if batch else 0
             except Exception:
                 log.exception("audit writer failed; %d record(s) will be reported lost", len(batch))
                 written = 0
             with self._cond:
-                for entry in batch[written:]:
-                    self._drops.add(entry, "write_error")
+                for entry, waiter in batch[written:]:
+                    self._drops.add(entry, "write_error", waiter)
                 self._dropped_total += len(batch) - written
                 self._pending -= len(batch)
                 self._cond.notify_all()
+            _settle([waiter for _, waiter in batch[:written] if waiter is not None], True)
             self._report_drops()
 
     def _report_drops(self) -> None:
-        """Append one overflow record for everything dropped so far (put back if that fails too)."""
+        """Append one overflow record for everything dropped so far (put back if that fails too).
+
+        Denials waiting on it are answered either way: as durable when it is written, otherwise
+        UNAVAILABLE at once (their count stays for the next overflow record).
+        """
         with self._cond:
             if self._drops.count == 0:
                 return
             drops, self._drops, self._draining = self._drops, _Drops(), True
         written = self._append([drops.event()])
+        waiters, drops.waiters = drops.waiters, []
         with self._cond:
             if not written:
                 self._drops.merge_older(drops)
             self._draining = False
             self._cond.notify_all()
+        _settle(waiters, bool(written))
 
     def _append(self, entries: list[Mapping[str, Any]]) -> int:
         """Seal and append `entries` (rotating when a file is full); how many reached the file.
@@ -399,6 +469,25 @@ class AuditLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _settle_now(waiters: list[asyncio.Future[bool]], ok: bool) -> None:
+    """On the waiters' loop: answer every waiter still waiting (one may have timed out or been cancelled)."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(ok)
+
+
+def _settle(waiters: list[asyncio.Future[bool]], ok: bool) -> None:
+    """From the writer thread: one wake-up per event loop for a whole batch, not one per record."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
+    for waiter in waiters:
+        by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_now, group, ok)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
 
 def _repair_torn_tail(path: Path) -> None:

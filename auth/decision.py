@@ -65,6 +65,8 @@ CLIENT_MESSAGES: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAUTHENTICATED: "request could not be authenticated",
     grpc.StatusCode.PERMISSION_DENIED: "request is not permitted",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "rate limit exceeded; retry later",
+    # Also a denial whose audit record could not be written (disk full, writer stalled): refused
+    # all the same, but not shown as a denial the audit log does not hold.
     grpc.StatusCode.UNAVAILABLE: "authentication is temporarily unavailable; retry later",
 }
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from aigis.auth.audit import AuditLog, rfc3339_now
@@ -61,11 +62,14 @@ class Enforcer:
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> None:
+        code = verdict.decision.status
         if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
-            self._audit.record(audit_record(method, context, verdict, request_id))
+            # A denial the client sees is on disk first (auth.audit.Durability); if it cannot be
+            # made durable, the client sees UNAVAILABLE instead, never an unrecorded denial.
+            if not await self._audit.record_durably(audit_record(method, context, verdict, request_id)):
+                code = grpc.StatusCode.UNAVAILABLE
         if self._on_denial is not None:
             self._on_denial(method, verdict.decision)
-        code = verdict.decision.status
         await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
 
 

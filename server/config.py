@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from aigis.auth.audit import Durability
 from aigis.auth.pki import PkiPaths
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -141,11 +142,12 @@ class Config:
     audit_log: Path = Path("aigis-audit.jsonl")
     # [audit]: the chain's HMAC key file, kept apart from the log (None: unkeyed SHA-256 chain);
     # the size at which a file is rotated; records the writer may fall behind by before it
-    # counts them in an overflow record; fsync after each batch. Defaults match auth.audit.
+    # counts them in an overflow record; when a denial is answered relative to its record reaching
+    # the disk (auth.audit.Durability). Defaults match auth.audit.
     audit_hmac_key_file: Path | None = None
     audit_max_bytes: int = 64 * 1024 * 1024
     audit_queue_size: int = 32_768
-    audit_fsync: bool = True
+    audit_durability: Durability = Durability.FSYNC
     max_message_bytes: int = 8 * 1024 * 1024  # room for a multi-megapixel encoded image
     grace_seconds: float = 5.0
     inference_threads: int = 2
@@ -355,7 +357,9 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         audit_hmac_key_file=audit.path("hmac_key_file", None),
         audit_max_bytes=audit.positive("max_bytes", default.audit_max_bytes, int),
         audit_queue_size=audit.positive("queue_size", default.audit_queue_size, int),
-        audit_fsync=audit.get("fsync", bool, default.audit_fsync),
+        audit_durability=Durability(
+            audit.choice("durability", tuple(d.value for d in Durability), default.audit_durability.value)
+        ),
         max_message_bytes=server.positive("max_message_bytes", default.max_message_bytes, int),
         grace_seconds=server.positive("grace_seconds", default.grace_seconds),
         inference_threads=server.positive("inference_threads", default.inference_threads, int),

@@ -26,7 +26,7 @@ import pytest
 from calls import RPC_KINDS, channel, run
 from conftest import make_pki, stack_config
 
-from aigis.auth.audit import OVERFLOW_EVENT, AuditError, AuditLog, read_records
+from aigis.auth.audit import OVERFLOW_EVENT, AuditError, AuditLog, Durability, read_records
 from aigis.auth.audit_chain import (
     GENESIS,
     VerifyReport,
@@ -596,7 +596,8 @@ def test_bad_key_files_are_refused_without_showing_the_key(
     [
         pytest.param({"max_bytes": 0}, "audit.max_bytes: must be greater than 0", id="max-bytes-zero"),
         pytest.param({"queue_size": -1}, "audit.queue_size: must be greater than 0", id="queue-negative"),
-        pytest.param({"fsync": "yes"}, "audit.fsync: expected true or false", id="fsync-not-bool"),
+        pytest.param({"durability": "yes"}, "audit.durability: expected one of fsync, write, background",
+                     id="durability-unknown"),
         pytest.param({"hmac_key_file": ""}, "audit.hmac_key_file: must not be empty", id="key-file-empty"),
         pytest.param({"rotate": 1}, "audit.rotate: unknown key", id="unknown-key"),
     ],
@@ -608,12 +609,13 @@ def test_audit_config_errors_name_the_key(tmp_path: Path, audit: dict, error: st
 
 
 def test_audit_config_keys(tmp_path: Path) -> None:
-    """[audit] hmac_key_file (relative to the file), max_bytes, queue_size and fsync reach Config."""
+    """[audit] hmac_key_file (relative to the file), max_bytes, queue_size and durability reach Config."""
     config = config_from_mapping(
-        {"audit": {"hmac_key_file": "keys/audit.key", "max_bytes": 1024, "queue_size": 10, "fsync": False}}, tmp_path
+        {"audit": {"hmac_key_file": "keys/audit.key", "max_bytes": 1024, "queue_size": 10, "durability": "write"}},
+        tmp_path,
     )
     assert config.audit_hmac_key_file == (tmp_path / "keys" / "audit.key").resolve()
-    assert (config.audit_max_bytes, config.audit_queue_size, config.audit_fsync) == (1024, 10, False)
+    assert (config.audit_max_bytes, config.audit_queue_size, config.audit_durability) == (1024, 10, Durability.WRITE)
 
 
 def test_server_denials_under_load_are_all_in_the_keyed_chain(start_stack: Any, key_file: Path) -> None:

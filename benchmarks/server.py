@@ -32,11 +32,13 @@ from grpc import aio
 from aigis.auth.pki import PkiPaths
 from aigis.calculator.v1 import calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2_grpc
+from aigis.inference import grpc_service_pb2_grpc
 from aigis.server.app import StartupError, grpc_options, server_credentials, start_server
 from aigis.server.calculator import CalculatorServicer
 from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config, HostPort, IssuerSettings
-from aigis.server.model import ModelRegistry
+from aigis.server.inference import InferenceServicer
+from aigis.server.repository import ModelRepository
 
 KINDS = ("baseline", "aigis")
 # Long enough that the one token the load generators share outlives any benchmark run.
@@ -72,18 +74,21 @@ async def start_baseline(config: Config) -> Running:
     credentials: Any = await asyncio.to_thread(server_credentials, PkiPaths(config.certs))
     if not isinstance(credentials, grpc.ServerCredentials):  # a rotatable store: take what aigis serves
         credentials = credentials.credentials()
-    registry = await asyncio.to_thread(ModelRegistry.load, config.models)
+    repository = await asyncio.to_thread(ModelRepository.load, config.models)
     server = aio.server(options=grpc_options(config))
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="bench-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), server)
     classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(
-        ImageClassificationServicer(registry, executor), server
+        ImageClassificationServicer(repository.classifiers(), executor), server
     )
+    inference = InferenceServicer(repository, executor)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     port = server.add_secure_port(str(config.listen), credentials)
     await server.start()
 
     async def stop() -> None:
         await server.stop(config.grace_seconds)
+        inference.close()
         executor.shutdown(wait=False, cancel_futures=True)
 
     return Running(port, None, None, stop)

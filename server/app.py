@@ -38,11 +38,13 @@ from aigis.auth.tls import TlsCredentialStore, TlsError
 from aigis.auth.tokens import TokenVerifier, TrustedIssuer
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from aigis.server.calculator import CalculatorServicer
 from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
+from aigis.server.inference import InferenceServicer
 from aigis.server.metrics import Metrics
-from aigis.server.model import ModelRegistry
+from aigis.server.repository import ModelRepository
 from aigis.server.secured import SecuredRegistrar, SecurityInterceptor
 
 log = logging.getLogger("aigis.server")
@@ -50,6 +52,7 @@ log = logging.getLogger("aigis.server")
 SERVICE_NAMES = (
     calculator_pb2.DESCRIPTOR.services_by_name["Calculator"].full_name,
     classifier_pb2.DESCRIPTOR.services_by_name["ImageClassificationService"].full_name,
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 RELOAD_INTERVAL_SECONDS = 2.0
 
@@ -190,6 +193,7 @@ class AigisServer:
     metrics_port: int | None = None
     methods: tuple[str, ...] = ()  # every method registered, all behind the security layer
     classifier: ImageClassificationServicer | None = None
+    inference: InferenceServicer | None = None
     _reload_task: asyncio.Task[None] | None = None
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
 
@@ -219,6 +223,8 @@ class AigisServer:
         await self.server.stop(grace)
         if self.classifier is not None:
             self.classifier.close()  # fail anything still queued for a batch, clearly
+        if self.inference is not None:
+            self.inference.close()
         if self.issuer is not None:
             await asyncio.to_thread(self.issuer.stop)
         await asyncio.to_thread(self.audit.close)
@@ -233,7 +239,7 @@ async def start_server(config: Config) -> AigisServer:
     try:
         policy = await asyncio.to_thread(Policy.load, config.policy)
         revocations = await asyncio.to_thread(RevocationList.load, pki.crl, pki.ca_cert)
-        registry = await asyncio.to_thread(ModelRegistry.load, config.models)
+        repository = await asyncio.to_thread(ModelRepository.load, config.models)
         cert_policy = await asyncio.to_thread(client_certificate_policy, config, pki)
     except StartupError:
         raise
@@ -309,10 +315,15 @@ async def start_server(config: Config) -> AigisServer:
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)
-    classifier = ImageClassificationServicer(registry, executor)
+    classifier = ImageClassificationServicer(repository.classifiers(), executor)
     for model_name, batcher in classifier.batchers.items():
         batcher.on_batch = metrics.batch_size.labels(model_name).observe
     classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(classifier, registrar)
+    inference = InferenceServicer(repository, executor)
+    for (model_name, _version), tensor_batcher in inference.batchers.items():
+        tensor_batcher.on_batch = metrics.batch_size.labels(model_name).observe
+    inference.on_inference = metrics.inference
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, registrar)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, registrar)
     # enable_server_reflection() insists on a real aio.Server; register its aio servicer ourselves.
@@ -374,6 +385,7 @@ async def start_server(config: Config) -> AigisServer:
     running = AigisServer(config, server, port, issuer, audit, executor, health, watchers, metrics, metrics_port)
     running.methods = tuple(registrar.methods)
     running.classifier = classifier
+    running.inference = inference
     running.tls = tls
     running._reload_task = asyncio.create_task(running._reload_loop())
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")

@@ -25,11 +25,12 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 
-from aigis.server.errors import ResourceExhausted, ServiceError
+from aigis.server.errors import InvalidArgument, ResourceExhausted, ServiceError
 from aigis.server.model import BatchingConfig, OnnxClassifier
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,13 @@ class BatchStats:
 
 
 class _Pending:
-    __slots__ = ("deadline", "future", "row")
+    __slots__ = ("deadline", "future", "row", "size")
 
-    def __init__(self, row: np.ndarray, future: asyncio.Future[np.ndarray], deadline: float) -> None:
+    def __init__(self, row: Any, future: asyncio.Future[Any], deadline: float, size: int = 1) -> None:
         self.row = row
         self.future = future
         self.deadline = deadline  # loop.time() by which this request's batch should be dispatched
+        self.size = size  # rows this request adds to a batch (its first dimension)
 
 
 def executor_workers(executor: Executor) -> int:
@@ -86,6 +88,7 @@ class DynamicBatcher:
         self._max_in_flight = max_in_flight
         self.name = name
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0  # sum of the queued entries' sizes
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
@@ -127,16 +130,16 @@ class DynamicBatcher:
             raise RuntimeError(f"batcher {self.name!r} belongs to another event loop")
         if self._closed:
             raise BatcherClosed(_closed_message(self.name))
-        if row.dtype != np.float32 or row.shape != self._row_shape:
-            # Checked here, not in the batch: one bad row must not fail its batch-mates.
-            raise ValueError(f"row must be float32 shaped {self._row_shape}, got {row.dtype} {row.shape}")
+        # Checked here, not in the batch: one bad row must not fail its batch-mates.
+        size = self._check(row)
         if len(self._queue) >= self._config.max_queue_size:
             self._rejected += 1
             raise ResourceExhausted(f"model {self.name!r} is overloaded: {len(self._queue)} requests are "
                                     f"already waiting; retry later")
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        entry = _Pending(row, future, loop.time() + self._config.max_queue_delay)
+        future: asyncio.Future[Any] = loop.create_future()
+        entry = _Pending(row, future, loop.time() + self._config.max_queue_delay, size)
         self._queue.append(entry)
+        self._queued_rows += size
         self._schedule()
         try:
             return await future
@@ -147,9 +150,16 @@ class DynamicBatcher:
             except ValueError:
                 pass  # already dispatched; its result is dropped when the batch finishes
             else:
+                self._queued_rows -= entry.size
                 self._cancelled += 1
                 self._schedule()
             raise
+
+    def _check(self, row: Any) -> int:
+        """Refuse a row that cannot join a batch; return how many batch rows it adds."""
+        if row.dtype != np.float32 or row.shape != self._row_shape:
+            raise ValueError(f"row must be float32 shaped {self._row_shape}, got {row.dtype} {row.shape}")
+        return 1
 
     def close(self) -> None:
         """Refuse new requests and fail the queued ones with BatcherClosed (UNAVAILABLE).
@@ -160,6 +170,7 @@ class DynamicBatcher:
         self._cancel_timer()
         while self._queue:
             entry = self._queue.popleft()
+            self._queued_rows -= entry.size
             if not entry.future.done():
                 entry.future.set_exception(BatcherClosed(_closed_message(self.name)))
 
@@ -171,7 +182,7 @@ class DynamicBatcher:
         assert loop is not None
         now = loop.time()
         while self._queue and self._in_flight < self._max_in_flight:
-            if len(self._queue) < self._config.max_batch_size and self._queue[0].deadline > now:
+            if self._queued_rows < self._config.max_batch_size and self._queue[0].deadline > now:
                 break
             self._dispatch()
         if self._queue and self._in_flight < self._max_in_flight:
@@ -195,16 +206,21 @@ class DynamicBatcher:
     def _dispatch(self) -> None:
         assert self._loop is not None
         entries: list[_Pending] = []
-        while self._queue and len(entries) < self._config.max_batch_size:
+        rows = 0
+        limit = self._config.max_batch_size
+        # Whole requests only, at most max_batch_size rows (a request is never larger; see _check).
+        while self._queue and rows + self._queue[0].size <= limit:
             entry = self._queue.popleft()
+            self._queued_rows -= entry.size
             if entry.future.done():  # cancelled, and its task has not run yet to take it out
                 self._cancelled += 1
             else:
                 entries.append(entry)
+                rows += entry.size
         if not entries:
             return
         if self.on_batch is not None:
-            self.on_batch(len(entries))
+            self.on_batch(rows)
         self._in_flight += 1
         try:
             running = self._loop.run_in_executor(self._executor, self._run_batch, [e.row for e in entries])
@@ -214,7 +230,7 @@ class DynamicBatcher:
             return
         running.add_done_callback(functools.partial(self._finished, entries))
 
-    def _finished(self, entries: list[_Pending], running: asyncio.Future[np.ndarray]) -> None:
+    def _finished(self, entries: list[_Pending], running: asyncio.Future[Any]) -> None:
         self._in_flight -= 1
         if running.cancelled():  # the executor dropped the work item (shutdown with cancel_futures)
             self._settle(entries, BatcherClosed(_closed_message(self.name)), None)
@@ -225,10 +241,10 @@ class DynamicBatcher:
         if not self._closed:
             self._schedule()
 
-    def _settle(self, entries: list[_Pending], exc: BaseException | None, out: np.ndarray | None) -> None:
+    def _settle(self, entries: list[_Pending], exc: BaseException | None, out: Any) -> None:
         self._batches += 1
         self._requests += len(entries)
-        self._sizes[len(entries)] += 1
+        self._sizes[sum(e.size for e in entries)] += 1
         if exc is not None:
             self._failed += 1
             log.debug("batch of %d for model %r failed: %r", len(entries), self.name, exc)
@@ -243,11 +259,52 @@ class DynamicBatcher:
 
     # --- on an executor thread ----------------------------------------------------------------
 
-    def _run_batch(self, rows: list[np.ndarray]) -> np.ndarray:
+    def _run_batch(self, rows: list[Any]) -> Any:
+        """The batch's result, indexable by entry: `result[i]` goes back to the i-th request."""
         out = self._predict(np.stack(rows))
         if out.shape[0] != len(rows):
             raise RuntimeError(f"model {self.name!r} returned {out.shape[0]} rows for a batch of {len(rows)}")
         return out
+
+
+Tensors = dict[str, np.ndarray]
+
+
+class TensorBatcher(DynamicBatcher):
+    """Dynamic batching for ModelInfer: whole requests (dicts of tensors sharing a first dimension of
+    1..max_batch_size) are concatenated along that dimension, run once, and split back.
+
+    The model's loader has checked that a row's outputs do not depend on its batch-mates
+    (server/repository.py `OnnxModel.check`), so answers are the same bits as unbatched.
+    """
+
+    def __init__(self, run: Callable[[Tensors], Tensors], config: BatchingConfig, executor: Executor, *,
+                 max_in_flight: int = 1, name: str = "") -> None:
+        super().__init__(lambda batch: batch, config, executor, row_shape=(), max_in_flight=max_in_flight,
+                         name=name)
+        self._run = run
+
+    def _check(self, row: Any) -> int:
+        sizes = {a.shape[0] if a.ndim else 0 for a in row.values()}
+        size = sizes.pop() if len(sizes) == 1 else 0
+        if not 1 <= size <= self._config.max_batch_size:
+            raise InvalidArgument(f"model {self.name!r} batches on the first dimension: every input needs the "
+                                  f"same first dimension, from 1 to {self._config.max_batch_size}")
+        return size
+
+    def _run_batch(self, rows: list[Any]) -> Any:
+        sizes = [next(iter(r.values())).shape[0] for r in rows]
+        batch = rows[0] if len(rows) == 1 else {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        out = self._run(batch)
+        total = sum(sizes)
+        for name, array in out.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise RuntimeError(f"model {self.name!r} output {name!r} has not {total} rows for a batch of {total}")
+        if len(rows) == 1:
+            return [out]
+        bounds = np.cumsum(sizes)[:-1]
+        split = {k: np.split(v, bounds) for k, v in out.items()}
+        return [{k: parts[i] for k, parts in split.items()} for i in range(len(rows))]
 
 
 def _closed_message(name: str) -> str:

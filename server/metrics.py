@@ -40,9 +40,18 @@ class Metrics:
         )
         self.denials = Counter("aigis_denials", "Denied RPCs by reason code.", ["reason"], registry=self.registry)
         self.batch_size = Histogram(
-            "aigis_inference_batch_size", "Images per inference batch.", ["model"], buckets=BATCH_BUCKETS,
+            "aigis_inference_batch_size", "Rows (images, tensor rows) per batch.", ["model"], buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.model_inferences = Counter(
+            "aigis_model_inferences", "Inferences by model and version (ModelInfer, ModelStreamInfer).",
+            ["model", "version"], registry=self.registry,
+        )
+        self.model_latency = Histogram(
+            "aigis_model_inference_duration_seconds", "Time in the model (queueing for a batch included).",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._models: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.audit_queue = Gauge("aigis_audit_queue_depth", "Audit records not yet on disk.", registry=self.registry)
         self.cert_expiry = Gauge(
             "aigis_certificate_expiry_timestamp_seconds", "notAfter of the certificates in use (POSIX time).",
@@ -59,6 +68,15 @@ class Metrics:
         if children is None:
             children = (self.requests.labels(method, code), self.latency.labels(method))
             self._done[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def inference(self, model: str, version: str, seconds: float) -> None:
+        """One inference of `model`/`version` (labels only take configured model names, never input)."""
+        children = self._models.get((model, version))
+        if children is None:
+            children = (self.model_inferences.labels(model, version), self.model_latency.labels(model, version))
+            self._models[(model, version)] = children
         children[0].inc()
         children[1].observe(seconds)
 

@@ -403,6 +403,11 @@ class OnnxClassifier:
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session, shared with the Open Inference Protocol's view of this model (server/repository.py)."""
+        return self._session
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (N, labels), for a float32 batch shaped like input_shape(N)."""
         if batch.dtype != np.float32 or batch.shape[1:] != self.config.input_shape(1)[1:]:
@@ -497,7 +502,8 @@ class ModelRegistry:
     """Every model the server hosts, by name, and which one answers when a request names none."""
 
     def __init__(self, models: Mapping[str, OnnxClassifier], default_name: str) -> None:
-        if default_name not in models:
+        # Empty is allowed: a repository of non-image models serves no ClassifyImage (NOT_FOUND).
+        if models and default_name not in models:
             raise ValueError(f"default model {default_name!r} is not among the models")
         self._models = dict(sorted(models.items()))
         self.default_name = default_name

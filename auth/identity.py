@@ -162,6 +162,7 @@ class RevocationList:
 
     def __init__(self, revoked: frozenset[tuple[str, int]] = frozenset()) -> None:
         self._revoked = revoked
+        self._serials = frozenset(serial for _issuer, serial in revoked)
 
     @classmethod
     def load(cls, crl_path: Path, ca_cert_path: Path) -> RevocationList:
@@ -175,5 +176,20 @@ class RevocationList:
     def is_revoked(self, identity: PeerIdentity) -> bool:
         return (identity.issuer, identity.serial) in self._revoked
 
+    def is_serial_revoked(self, serial: int) -> bool:
+        """Listed under any CA of the bundle (for a registered client known only by its serial)."""
+        return serial in self._serials
+
     def __len__(self) -> int:
         return len(self._revoked)
+
+
+class SharedRevocations:
+    """The CRL as last loaded by whoever watches the file, read by everyone else (one CRL reader).
+
+    The server's file watcher replaces `current` when crl.pem changes and keeps the last good list
+    when it does not load; an embedded token issuer reads `current` instead of the file.
+    """
+
+    def __init__(self, current: RevocationList) -> None:
+        self.current = current

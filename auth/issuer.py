@@ -5,15 +5,19 @@ Clients authenticate with their certificate (RFC 8705 `tls_client_auth`) or a se
 RFC 9068 profile, bound to the certificate when one was used (RFC 8705 §3.1 `cnf`). The server
 verifies those tokens with the public keys this issuer publishes (jwks.json).
 
-It runs in a daemon thread beside the gRPC server, on the stdlib ThreadingHTTPServer. The TLS
-handshake happens in the per-connection thread, so one slow client cannot stall accept().
-The client registry, CRL, CA bundle, signing key and JWKS are re-read when they change on disk,
-so `aigis certs issue/revoke` and `aigis keys rotate` take effect without a restart; so does a
-replaced server certificate, for connections accepted afterwards.
+It is reachable without any credential, so it runs on aiohttp under auth/bounded_http.py (its own
+event loop and thread, capped connections overall and per peer, whole-request deadlines), checks
+secrets in a small bounded pool (scrypt costs ~16 MiB each) and throttles failed client
+authentication per client id and per peer (auth/throttle.py). Client certificates pass the gRPC
+server's own policy and CRL (auth/identity.py). The client registry, CRL, CA bundle, signing key
+and JWKS are re-read when they change on disk, so `aigis certs issue/revoke` and `aigis keys
+rotate` take effect without a restart; so does a replaced server certificate, for connections
+accepted afterwards.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -22,39 +26,49 @@ import hashlib
 import ipaddress
 import json
 import logging
-import socket
-import socketserver
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import jwt
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509 import verification
 
-from aigis.auth.certs import PkiError, load_crl_serials, public_jwk
+from aigis.auth.bounded_http import (
+    SERVER_NAME,
+    BodyError,
+    BoundedHttpServer,
+    ConnectionStats,
+    HttpLimits,
+    peer_slot,
+    read_body,
+)
+from aigis.auth.certs import public_jwk
 from aigis.auth.clients import (
     SCOPE_TOKEN_RE,
     ClientRegistry,
     RegisteredClient,
     RegistryError,
+    SecretHash,
     burn_secret_check,
     load_registry,
     verify_secret,
 )
+from aigis.auth.identity import ClientCertificatePolicy, IdentityError, RevocationList, SharedRevocations
 from aigis.auth.pki import PkiPaths
+from aigis.auth.throttle import AuthThrottle, ThrottleKey, ThrottleLimits
 from aigis.auth.tls import TlsError, load_tls_material
 from aigis.auth.tokens import KeySetError, parse_jwks
 
@@ -66,10 +80,7 @@ METADATA_PATH = "/.well-known/oauth-authorization-server"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_BODY_BYTES = 8 * 1024
 MAX_FORM_FIELDS = 16
-MAX_DRAIN_BYTES = 64 * 1024  # an oversized body up to this size is read and discarded before the 413
 MAX_TOKEN_TTL = timedelta(hours=24)
-# Per-socket-operation timeout: bounds the handshake and a slow sender (slowloris).
-SOCKET_TIMEOUT_S = 10.0
 # How often the accept loop looks at the server certificate, key and CA bundle for a change.
 TLS_CHECK_INTERVAL_S = 1.0
 AUTH_REALM = "aigis"
@@ -87,6 +98,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_GRANT_TYPE = "unsupported_grant_type"
     INVALID_SCOPE = "invalid_scope"
     SERVER_ERROR = "server_error"
+    TEMPORARILY_UNAVAILABLE = "temporarily_unavailable"  # RFC 6749 §4.1.2.1's code, with a 503
 
 
 class IssuerError(Exception):
@@ -104,6 +116,7 @@ class OAuthError(Exception):
         *,
         log_reason: str = "",
         client: str | None = None,
+        throttled: ThrottleKey | None = None,
     ) -> None:
         super().__init__(f"{error}: {log_reason or description}")
         self.error = error
@@ -111,6 +124,7 @@ class OAuthError(Exception):
         self.http_status = int(http_status)
         self.log_reason = log_reason or description
         self.client = client
+        self.throttled = throttled
 
     def body(self) -> dict[str, str]:
         return {"error": str(self.error), "error_description": self.description}
@@ -138,6 +152,11 @@ class IssuerConfig:
     issuer_url: str | None = None  # the `iss` claim and RFC 8414 `issuer`; None = this server's URL
     audience: str = "aigis"
     token_ttl: timedelta = timedelta(minutes=5)
+    trust_domain: str = ""  # SPIFFE trust domain of client certificates; "" = the client registry's
+    http: HttpLimits = dataclasses.field(default_factory=HttpLimits)  # connections, deadlines, header sizes
+    throttle: ThrottleLimits = dataclasses.field(default_factory=ThrottleLimits)  # failed client authentications
+    secret_check_workers: int = 2  # concurrent scrypt checks (~16 MiB each)
+    secret_check_queue: int = 16  # waiting beyond the workers; more are refused with 503
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -148,6 +167,8 @@ class IssuerConfig:
             raise ValueError(f"token_ttl: must be between 1 s and {MAX_TOKEN_TTL}")
         if self.issuer_url is not None:
             _validate_issuer_url(self.issuer_url)
+        if not 1 <= self.secret_check_workers <= 16 or not 0 <= self.secret_check_queue <= 1024:
+            raise ValueError("secret_check_workers / secret_check_queue: must be 1-16 / 0-1024")
 
 
 def _validate_issuer_url(url: str) -> None:
@@ -346,72 +367,161 @@ class SigningKeys:
                 except IssuerError as exc:
                     self._refused = stamps
                     self.refused_reloads += 1
-                    log.error("refusing the changed signing key or JWKS, still signing with kid %s: %s",
-                              self._current[0].kid, exc)
+                    log.error(
+                        "refusing the changed signing key or JWKS, still signing with kid %s: %s",
+                        self._current[0].kid,
+                        exc,
+                    )
                 else:
                     self._stamps = stamps
-                    log.info("token-signing key %s active; JWKS publishes %d key(s)",
-                             self._current[0].kid, len(self._current[1]["keys"]))
+                    log.info(
+                        "token-signing key %s active; JWKS publishes %d key(s)",
+                        self._current[0].kid,
+                        len(self._current[1]["keys"]),
+                    )
             return self._current
 
 
 # ----------------------------------------------------------------------------- authentication
 
 
-def _load_ca_store(path: Path) -> verification.Store:
-    """Every CA in the bundle: during a CA rotation it holds the old and the new CA."""
-    try:
-        return verification.Store(x509.load_pem_x509_certificates(path.read_bytes()))
-    except FileNotFoundError:
-        raise PkiError(f"{path}: not found (run `aigis certs init`)") from None
-    except (ValueError, OSError) as exc:
-        raise PkiError(f"{path}: unreadable: {exc}") from None
+@dataclass(frozen=True)
+class IssuerEvents:
+    """What the issuer reports to the server's metrics (auth never imports the server)."""
+
+    reload_refused: Callable[[Path], None] = lambda _path: None  # a changed file refused, last good kept
+    auth_throttled: Callable[[str], None] = lambda _key: None  # "client_id" | "peer"
+    auth_failed: Callable[[], None] = lambda: None  # one failed client authentication
+    secret_checks_shed: Callable[[], None] = lambda: None  # refused because the scrypt queue was full
+    connection_refused: Callable[[str], None] = lambda _why: None  # "total" | "per_peer"
+
+
+class SecretChecks:
+    """scrypt verifications (~16 MiB, tens of ms each) in `workers` threads, `max_waiting` queued.
+
+    Memory is bounded to ~workers x 16 MiB whatever the request rate; beyond the queue a request is
+    refused at once (503) instead of waiting. Used from the issuer's event loop only.
+    """
+
+    def __init__(self, workers: int = 2, max_waiting: int = 16) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aigis-scrypt")
+        self._capacity = workers + max_waiting
+        self.in_flight = 0
+
+    async def verify(self, secret: str, stored: SecretHash | None) -> bool:
+        """verify_secret off the loop; `stored` None burns the same work and answers False."""
+        if self.in_flight >= self._capacity:
+            raise OAuthError(
+                ErrorCode.TEMPORARILY_UNAVAILABLE,
+                "too many client authentications in progress; retry later",
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                log_reason="secret-check queue full",
+            )
+        self.in_flight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            if stored is None:
+                await loop.run_in_executor(self._pool, burn_secret_check, secret)
+                return False
+            return await loop.run_in_executor(self._pool, verify_secret, secret, stored)
+        finally:
+            self.in_flight -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _Trust:
+    """What authentication reads, loaded together: registry, revocations, certificate policy."""
+
+    registry: ClientRegistry
+    revocations: RevocationList
+    policy: ClientCertificatePolicy
 
 
 class ClientAuthenticator:
     """Authenticates token requests against the registry, CRL and CA bundle, re-reading them when
     they change.
 
-    Thread-safe: handler threads share one instance.
+    The certificate policy and the CRL are the gRPC server's own (auth/identity.py): one rule for
+    who is a valid client on both sides. A changed CRL or CA bundle that does not load is refused —
+    reported once, counted, and the last good one stays (as on the gRPC side). The registry holds
+    who may have tokens at all: while it is unreadable every grant fails closed (500).
     """
 
-    def __init__(self, paths: PkiPaths) -> None:
-        self._paths = paths
-        try:
-            self._store = _load_ca_store(paths.ca_cert)
-        except PkiError as exc:
-            raise IssuerError(str(exc)) from None
+    def __init__(
+        self,
+        paths: PkiPaths,
+        *,
+        trust_domain: str = "",
+        events: IssuerEvents = IssuerEvents(),
+        secret_checks: SecretChecks | None = None,
+        throttle: AuthThrottle | None = None,
+        revocations: SharedRevocations | None = None,
+    ) -> None:
+        self._paths, self._trust_domain, self._events = paths, trust_domain, events
+        self._shared = revocations  # the server's CRL reader, when embedded: this one reads no CRL
+        self.secret_checks = secret_checks or SecretChecks()
+        self.throttle = throttle or AuthThrottle()
         self._lock = threading.Lock()
         self._stamps: tuple[_FileStamp | None, ...] | None = None
-        self._state: tuple[ClientRegistry, frozenset[int]] | None = None
+        self._registry: ClientRegistry | None = None
+        self._revocations: RevocationList | None = None
+        self._anchors: tuple[x509.Certificate, ...] | None = None
+        self._refused: dict[Path, _FileStamp | None] = {}
+        try:
+            self._anchors = _load_anchors(paths.ca_cert)
+            self._revocations = revocations.current if revocations else RevocationList.load(paths.crl, paths.ca_cert)
+        except (OSError, ValueError) as exc:
+            raise IssuerError(f"cannot load the CA bundle or CRL from {paths.root}: {exc}") from None
 
-    def snapshot(self) -> tuple[ClientRegistry, frozenset[int]]:
-        """The current registry and revoked serials; re-read (with the CA bundle) when a file changed."""
+    def _keep_last_good(self, path: Path, stamp: _FileStamp | None, exc: Exception) -> None:
+        if self._refused.get(path, _NOT_REFUSED) != stamp:
+            self._refused[path] = stamp
+            log.error("refusing the changed %s, keeping the last good one: %s", path, exc)
+            self._events.reload_refused(path)
+
+    def snapshot(self) -> _Trust:
+        """Registry, revocations and policy as of now, each re-read if its file changed."""
         paths = self._paths
         stamps = (_FileStamp.of(paths.clients_registry), _FileStamp.of(paths.crl), _FileStamp.of(paths.ca_cert))
         with self._lock:
-            if self._state is None or stamps != self._stamps:
+            old = self._stamps or (None, None, None)
+            if self._stamps is None or stamps[2] != old[2]:
                 try:
-                    ca_changed = self._stamps is None or stamps[2] != self._stamps[2]
-                    store = _load_ca_store(paths.ca_cert) if ca_changed else None
-                    state = (load_registry(paths.clients_registry), load_crl_serials(paths))
-                except (RegistryError, PkiError) as exc:
-                    # Fail closed: without a readable registry and CRL we cannot tell who is revoked.
+                    self._anchors = _load_anchors(paths.ca_cert)
+                    self._refused.pop(paths.ca_cert, None)
+                except (OSError, ValueError) as exc:
+                    self._keep_last_good(paths.ca_cert, stamps[2], exc)
+            if self._shared is not None:
+                self._revocations = self._shared.current
+            elif self._stamps is not None and (stamps[1] != old[1] or stamps[2] != old[2]):
+                try:
+                    self._revocations = RevocationList.load(paths.crl, paths.ca_cert)
+                    self._refused.pop(paths.crl, None)
+                except (OSError, ValueError) as exc:
+                    self._keep_last_good(paths.crl, stamps[1], exc)
+            if self._registry is None or stamps[0] != old[0]:
+                try:
+                    self._registry = load_registry(paths.clients_registry)
+                except RegistryError as exc:
+                    # Fail closed: without the registry we cannot tell who may have tokens.
                     # Nothing is cached, so the next request tries again.
-                    self._state = None
+                    self._registry, self._stamps = None, None
                     raise OAuthError(
                         ErrorCode.SERVER_ERROR,
                         "the authorization server is misconfigured",
                         HTTPStatus.INTERNAL_SERVER_ERROR,
-                        log_reason=f"cannot load client registry, CRL or CA bundle: {exc}",
+                        log_reason=f"cannot load the client registry: {exc}",
                     ) from None
-                if store is not None:
-                    self._store = store
-                self._state, self._stamps = state, stamps
-                log.info("loaded %d clients and %d revoked serials", len(state[0].clients), len(state[1]))
-            return self._state
+                log.info("loaded %d clients", len(self._registry.clients))
+            self._stamps = stamps
+            assert self._anchors is not None and self._revocations is not None
+            trust_domain = self._trust_domain or self._registry.trust_domain
+            return _Trust(self._registry, self._revocations, ClientCertificatePolicy(self._anchors, trust_domain))
 
-    def authenticate(
+    async def authenticate(
         self,
         *,
         cert_der: bytes | None,
@@ -420,71 +530,76 @@ class ClientAuthenticator:
         now: datetime,
     ) -> Authenticated:
         """Exactly one method: the TLS client certificate or HTTP Basic. Raises OAuthError."""
-        registry, revoked = self.snapshot()
+        trust = self.snapshot()
         if "client_secret" in form or "client_assertion" in form:
             raise _client_failure("unsupported client authentication method (client_secret_post / assertion)")
         # RFC 6749 §2.3: "The client MUST NOT use more than one authentication method in each request."
         if cert_der is not None and authorization is not None:
             raise _client_failure("both a client certificate and an Authorization header")
         if cert_der is not None:
-            return self._by_certificate(registry, revoked, cert_der, form.get("client_id"), now)
+            return self._by_certificate(trust, cert_der, form.get("client_id"), now)
         if authorization is not None:
-            return self._by_secret(registry, revoked, authorization, form.get("client_id"))
+            return await self._by_secret(trust, authorization, form.get("client_id"))
         raise _client_failure("no client authentication")
 
-    def _by_certificate(
-        self,
-        registry: ClientRegistry,
-        revoked: frozenset[int],
-        cert_der: bytes,
-        client_id: str | None,
-        now: datetime,
-    ) -> Authenticated:
-        # TLS already checked the chain; the client verifier adds the same leaf policy the gRPC
-        # server applies (clientAuth EKU, not a CA, SAN present), so both ends agree on who is valid.
+    def _by_certificate(self, trust: _Trust, cert_der: bytes, client_id: str | None, now: datetime) -> Authenticated:
+        # TLS already checked the chain; the policy is the gRPC server's own (clientAuth EKU, not a
+        # CA, one SPIFFE ID in our trust domain), so both ends agree on who is a valid client.
         try:
-            cert = x509.load_der_x509_certificate(cert_der)
-            verifier = verification.PolicyBuilder().store(self._store).time(now).build_client_verifier()
-            verifier.verify(cert, [])
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except (ValueError, verification.VerificationError, x509.ExtensionNotFound) as exc:
-            raise _client_failure(f"certificate fails the client policy: {exc}") from None
-        spiffe_ids = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")]
-        if len(spiffe_ids) != 1:
-            raise _client_failure(f"certificate has {len(spiffe_ids)} SPIFFE IDs, expected exactly one")
-        client = registry.by_spiffe_id(spiffe_ids[0])
+            identity = trust.policy.check(x509.load_der_x509_certificate(cert_der), [], now)
+        except ValueError as exc:
+            raise _client_failure(f"unparseable client certificate: {exc}") from None
+        except IdentityError as exc:
+            raise _client_failure(f"certificate fails the client policy: {exc.detail}") from None
+        client = trust.registry.by_spiffe_id(identity.principal)
         if client is None:
-            raise _client_failure(f"no client registered for {spiffe_ids[0]!r}")
+            raise _client_failure(f"no client registered for {identity.principal!r}")
         # RFC 8705 §2: the certificate must match the client named by client_id.
         if client_id is not None and client_id != client.name:
             raise _client_failure(f"client_id {client_id!r} does not match the certificate", client.name)
-        if cert.serial_number in revoked:
-            raise _client_failure(f"certificate serial {cert.serial_number:x} is revoked", client.name)
+        if trust.revocations.is_revoked(identity):
+            raise _client_failure(f"certificate serial {identity.serial:x} is revoked", client.name)
         if client.revoked:
             raise _client_failure("client is revoked", client.name)
-        if client.serial != cert.serial_number:
-            raise _client_failure(f"certificate {cert.serial_number:x} is not the client's current one", client.name)
+        if client.serial != identity.serial:
+            raise _client_failure(f"certificate {identity.serial:x} is not the client's current one", client.name)
         return Authenticated(client, "tls_client_auth", cert_der)
 
-    def _by_secret(
-        self,
-        registry: ClientRegistry,
-        revoked: frozenset[int],
-        authorization: str,
-        client_id_param: str | None,
-    ) -> Authenticated:
+    async def _by_secret(self, trust: _Trust, authorization: str, client_id_param: str | None) -> Authenticated:
         client_id, secret = _parse_basic(authorization)
         if client_id_param is not None and client_id_param != client_id:
             raise _client_failure("client_id parameter does not match the Basic credentials")
-        client = registry.by_name(client_id)
+        if self.throttle.throttled(client_id=client_id, peer=None) is ThrottleKey.CLIENT_ID:
+            raise _throttled(ThrottleKey.CLIENT_ID, client_id)
+        client = trust.registry.by_name(client_id)
         if client is None or client.secret is None:
-            burn_secret_check(secret)  # same cost as a real check: names are not enumerable by timing
+            # Same cost as a real check: names are not enumerable by timing.
+            await self.secret_checks.verify(secret, None)
             raise _client_failure("unknown client or client without a secret", client_id)
-        if not verify_secret(secret, client.secret):
+        if not await self.secret_checks.verify(secret, client.secret):
             raise _client_failure("wrong secret", client.name)
-        if client.revoked or (client.serial is not None and client.serial in revoked):
+        if client.revoked or (client.serial is not None and trust.revocations.is_serial_revoked(client.serial)):
             raise _client_failure("client is revoked", client.name)
         return Authenticated(client, "client_secret_basic")
+
+
+_NOT_REFUSED = _FileStamp(-1, -1, -1)
+
+
+def _load_anchors(path: Path) -> tuple[x509.Certificate, ...]:
+    """Every CA in the bundle: during a CA rotation it holds the old and the new CA."""
+    return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
+
+
+def _throttled(key: ThrottleKey, client: str | None) -> OAuthError:
+    return OAuthError(
+        ErrorCode.INVALID_CLIENT,
+        "too many failed client authentications; retry later",
+        HTTPStatus.TOO_MANY_REQUESTS,
+        log_reason=f"throttled by {key}",
+        client=client,
+        throttled=key,
+    )
 
 
 def _parse_basic(authorization: str) -> tuple[str, str]:
@@ -527,17 +642,19 @@ def _parse_form(body: bytes) -> dict[str, str]:
 
 
 class _Issuer:
-    """Everything a request handler needs, shared by the handler threads."""
+    """Everything a request needs, shared by the requests on the issuer's loop."""
 
     def __init__(
         self,
         keys: SigningKeys,
         authenticator: ClientAuthenticator,
         clock: Callable[[], datetime],
+        events: IssuerEvents,
     ) -> None:
         self.keys = keys
         self.authenticator = authenticator
         self.clock = clock
+        self.events = events
 
     @property
     def tokens(self) -> TokenService:
@@ -551,7 +668,7 @@ class _Issuer:
 
     def metadata(self) -> dict[str, Any]:
         """RFC 8414 §2 authorization server metadata."""
-        registry, _ = self.authenticator.snapshot()
+        registry = self.authenticator.snapshot().registry
         issuer = self.tokens.issuer
         return {
             "issuer": issuer,
@@ -567,7 +684,7 @@ class _Issuer:
             "tls_client_certificate_bound_access_tokens": True,
         }
 
-    def token(
+    async def token(
         self,
         *,
         content_type: str | None,
@@ -586,75 +703,61 @@ class _Issuer:
         if grant_type != "client_credentials":
             raise OAuthError(ErrorCode.UNSUPPORTED_GRANT_TYPE, "only client_credentials is supported")
         now = self.clock()
-        who = self.authenticator.authenticate(
-            cert_der=cert_der, authorization=authorization, form=form, now=now
-        )
+        who = await self.authenticator.authenticate(cert_der=cert_der, authorization=authorization, form=form, now=now)
         response = self.tokens.issue(who.client, form.get("scope"), now=now, cert_der=who.cert_der)
         return response, who
 
+    # ------------------------------------------------------------------------------ requests
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    server_version = "aigis-issuer"
-    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive sockets to hold
-    timeout = SOCKET_TIMEOUT_S
-
-    def setup(self) -> None:
-        # The handshake runs here, in this connection's thread, under the socket timeout.
-        self.request.settimeout(self.timeout)
-        self.request.do_handshake()
-        super().setup()
-
-    def version_string(self) -> str:
-        return self.server_version  # no Python version in the Server header
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Replaces the default stderr access log; request lines never carry credentials here.
-        log.debug("%s " + format, self.address_string(), *args)
-
-    def do_GET(self) -> None:
-        issuer = self.server.issuer
-        if self.path == JWKS_PATH:
-            self._send_json(HTTPStatus.OK, issuer.jwks, cache="public, max-age=60")
-        elif self.path == METADATA_PATH:
-            try:
-                self._send_json(HTTPStatus.OK, issuer.metadata(), cache="public, max-age=60")
-            except OAuthError as exc:
-                log.error("metadata unavailable: %s", exc.log_reason)
-                self._send_json(exc.http_status, exc.body())
-        elif self.path == TOKEN_PATH:
-            self._send_json(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                {"error": str(ErrorCode.INVALID_REQUEST), "error_description": "use POST"},
-                extra={"Allow": "POST"},
-            )
-        else:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": "not_found"})
-
-    def do_POST(self) -> None:
-        if self.path != TOKEN_PATH:
-            self._send_json(HTTPStatus.NOT_FOUND, {"error": "not_found"})
-            return
-        cert_der = self.connection.getpeercert(binary_form=True)
-        authorization = self.headers.get("Authorization")
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's request handler: route, answer, and never let an exception reach aiohttp."""
+        slot = peer_slot(request)
         try:
-            body = self._read_body()
-            if len(self.headers.get_all("Authorization") or []) > 1:
+            if request.method == "POST" and request.raw_path == TOKEN_PATH:
+                return await self._token_endpoint(request, slot.peer)
+            if request.method in ("GET", "HEAD"):
+                if request.raw_path == JWKS_PATH:
+                    return _json(HTTPStatus.OK, self.jwks, cache="public, max-age=60")
+                if request.raw_path == METADATA_PATH:
+                    return _json(HTTPStatus.OK, self.metadata(), cache="public, max-age=60")
+            if request.raw_path == TOKEN_PATH:
+                return _json(
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    {"error": str(ErrorCode.INVALID_REQUEST), "error_description": "use POST"},
+                    extra={"Allow": "POST"},
+                )
+            return _json(HTTPStatus.NOT_FOUND, {"error": "not_found"})
+        except OAuthError as exc:
+            log.error("issuer request refused: %s", exc.log_reason)
+            return _json(exc.http_status, exc.body())
+        except Exception:
+            # Fail closed, and never send internals to the client.
+            log.exception("issuer request failed unexpectedly")
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(ErrorCode.SERVER_ERROR)})
+
+    async def _token_endpoint(self, request: web.BaseRequest, peer: str) -> web.StreamResponse:
+        cert_der = _peer_certificate(request)
+        throttle = self.authenticator.throttle
+        try:
+            if throttle.throttled(client_id=None, peer=peer) is not None:
+                raise _throttled(ThrottleKey.PEER, None)
+            try:
+                body = await read_body(
+                    request, max_bytes=MAX_BODY_BYTES, seconds=self.body_seconds, stats=self.connection_stats
+                )
+            except BodyError as exc:
+                raise OAuthError(ErrorCode.INVALID_REQUEST, exc.description, exc.status) from None
+            authorizations = request.headers.getall("Authorization", [])
+            if len(authorizations) > 1:
                 raise OAuthError(ErrorCode.INVALID_REQUEST, "more than one Authorization header")
-            response, who = self.server.issuer.token(
-                content_type=self.headers.get("Content-Type"),
+            response, who = await self.token(
+                content_type=request.headers.get("Content-Type"),
                 body=body,
-                authorization=authorization,
+                authorization=authorizations[0] if authorizations else None,
                 cert_der=cert_der,
             )
         except OAuthError as exc:
-            self._refuse(exc, cert_der=cert_der)
-            return
-        except Exception:
-            # Fail closed, and never send internals to the client.
-            log.exception("token request failed unexpectedly")
-            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(ErrorCode.SERVER_ERROR)})
-            return
+            return self._refuse(exc, peer=peer, cert_der=cert_der)
         log.info(
             "token issued: client=%s method=%s scope=%r jti=%s expires_in=%d",
             who.client.name,
@@ -663,98 +766,66 @@ class _Handler(BaseHTTPRequestHandler):
             response.jti,
             response.expires_in,
         )
-        self._send_json(HTTPStatus.OK, response.to_json())
+        return _json(HTTPStatus.OK, response.to_json())
 
-    def _read_body(self) -> bytes:
-        if "Transfer-Encoding" in self.headers:
-            raise OAuthError(ErrorCode.INVALID_REQUEST, "Transfer-Encoding is not supported")
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None or not raw_length.isdigit():
-            raise OAuthError(ErrorCode.INVALID_REQUEST, "Content-Length is required")
-        length = int(raw_length)
-        if length > MAX_BODY_BYTES:
-            if length <= MAX_DRAIN_BYTES:
-                # Read and drop it: closing with unread input makes TCP send a reset, and the
-                # client would lose our answer.
-                self.rfile.read(length)
-            raise OAuthError(
-                ErrorCode.INVALID_REQUEST, "request body too large", HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    body_seconds: float = 5.0
+    connection_stats: ConnectionStats = ConnectionStats()
+
+    def _refuse(self, exc: OAuthError, *, peer: str, cert_der: bytes | None) -> web.StreamResponse:
+        extra: dict[str, str] = {}
+        if exc.throttled is not None:
+            # Counted, not logged: the throttle logged once when the budget ran out.
+            self.events.auth_throttled(str(exc.throttled))
+            extra["Retry-After"] = "5"
+        elif exc.error is ErrorCode.TEMPORARILY_UNAVAILABLE:
+            self.events.secret_checks_shed()
+            extra["Retry-After"] = "1"
+        else:
+            if exc.error is ErrorCode.INVALID_CLIENT:
+                self.events.auth_failed()
+                self.authenticator.throttle.failed(client_id=exc.client, peer=peer)
+            level = logging.ERROR if exc.error is ErrorCode.SERVER_ERROR else logging.WARNING
+            log.log(
+                level,
+                "token refused: client=%r error=%s reason=%s peer=%s cert=%s",
+                exc.client,
+                exc.error,
+                exc.log_reason,
+                peer,
+                "yes" if cert_der is not None else "no",
             )
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise OAuthError(ErrorCode.INVALID_REQUEST, "request body truncated")
-        return body
-
-    def _refuse(self, exc: OAuthError, *, cert_der: bytes | None) -> None:
-        level = logging.ERROR if exc.error is ErrorCode.SERVER_ERROR else logging.WARNING
-        log.log(
-            level,
-            "token refused: client=%r error=%s reason=%s peer=%s cert=%s",
-            exc.client,
-            exc.error,
-            exc.log_reason,
-            self.client_address[0],
-            "yes" if cert_der is not None else "no",
-        )
-        extra = {}
         if exc.http_status == HTTPStatus.UNAUTHORIZED:
             # RFC 6749 §5.2: a 401 "MUST include the WWW-Authenticate response header field".
             extra["WWW-Authenticate"] = f'Basic realm="{AUTH_REALM}"'
-        self._send_json(exc.http_status, exc.body(), extra=extra)
-
-    def _send_json(
-        self,
-        status: int,
-        payload: Mapping[str, Any],
-        *,
-        cache: str = "no-store",
-        extra: Mapping[str, str] | None = None,
-    ) -> None:
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        # RFC 6749 §5.1: responses carrying tokens (and §5.2 errors) are not to be cached.
-        self.send_header("Cache-Control", cache)
-        if cache == "no-store":
-            self.send_header("Pragma", "no-cache")
-        for name, value in (extra or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        return _json(exc.http_status, exc.body(), extra=extra)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+def _peer_certificate(request: web.BaseRequest) -> bytes | None:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return bytes(der) if der else None
 
-    issuer: _Issuer  # set by IssuerServer.start once the port (and so the issuer URL) is known
 
-    def __init__(self, address: tuple[str, int], tls: ServerTls) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.tls = tls
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) we neither need nor want.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        # Each connection is wrapped with the context current when it is accepted, so a replaced
-        # certificate or CA bundle applies to new connections. do_handshake_on_connect=False: the
-        # handshake waits for the connection's own thread instead of blocking the accept loop.
-        sock, address = self.socket.accept()
-        try:
-            return self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
-        except BaseException:
-            sock.close()
-            raise
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Failed handshakes and dropped connections are routine; the default prints a traceback.
-        log.debug("connection from %s failed", client_address[0], exc_info=True)
+def _json(
+    status: int,
+    payload: Mapping[str, Any],
+    *,
+    cache: str = "no-store",
+    extra: Mapping[str, str] | None = None,
+) -> web.Response:
+    # RFC 6749 §5.1: responses carrying tokens (and §5.2 errors) are not to be cached.
+    headers = {"Cache-Control": cache, "Server": SERVER_NAME}
+    if cache == "no-store":
+        headers["Pragma"] = "no-cache"
+    headers |= dict(extra or {})
+    response = web.Response(
+        status=int(status), body=json.dumps(payload).encode("utf-8"), content_type="application/json", headers=headers
+    )
+    response.force_close()  # one request per connection: no idle keep-alive sockets to hold
+    return response
 
 
 def server_ssl_context(paths: PkiPaths) -> ssl.SSLContext:
@@ -783,13 +854,19 @@ def _utc_now() -> datetime:
 class ServerTls:
     """The issuer's TLS context, rebuilt when the server certificate, key or CA bundle change.
 
-    Used by the accept loop only (one thread), which looks at the files at most once per
+    Used by the accept loop only (the issuer's event loop), which looks at the files at most once per
     TLS_CHECK_INTERVAL_S. Changed files are checked like the gRPC server checks them (auth/tls.py);
     files that do not validate are refused with an error log, and the last good context stays.
     """
 
-    def __init__(self, paths: PkiPaths, *, clock: Callable[[], datetime] = _utc_now) -> None:
-        self._paths, self._clock = paths, clock
+    def __init__(
+        self,
+        paths: PkiPaths,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        on_refused: Callable[[Path], None] = lambda _path: None,
+    ) -> None:
+        self._paths, self._clock, self._on_refused = paths, clock, on_refused
         self._stamps = self._stamps_now()
         self._context = server_ssl_context(paths)  # IssuerError at start-up
         self._checked_at = time.monotonic()
@@ -814,6 +891,7 @@ class ServerTls:
         except (TlsError, IssuerError) as exc:
             self._refused = stamps
             self.refused_reloads += 1
+            self._on_refused(self._paths.server_cert)
             log.error("refusing the changed server certificate, key or CA bundle, keeping the last good: %s", exc)
             return self._context
         self._context, self._stamps = context, stamps
@@ -831,57 +909,94 @@ def _url_host(host: str) -> str:
 
 
 class IssuerServer:
-    """The token endpoint, JWKS and metadata over HTTPS, served from a daemon thread."""
+    """The token endpoint, JWKS and metadata over HTTPS, on an event loop of its own (a thread).
 
-    def __init__(self, config: IssuerConfig, *, clock: Callable[[], datetime] = _utc_now) -> None:
+    A small library API: construct, `start()`, `stop()` (or use it as a context manager). Whoever
+    runs it — beside the gRPC server or alone — passes `events` to see its metrics.
+    """
+
+    def __init__(
+        self,
+        config: IssuerConfig,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        events: IssuerEvents = IssuerEvents(),
+        revocations: SharedRevocations | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._events = events
+        self._revocations = revocations  # None: the issuer reads crl.pem itself
+        self._http: BoundedHttpServer | None = None
+        self._issuer: _Issuer | None = None
+        self._tls: ServerTls | None = None
         self._url = ""
 
     def start(self) -> None:
-        """Load keys, registry and CRL, bind, and serve in a thread. Raises IssuerError on bad setup."""
-        if self._httpd is not None:
+        """Load keys, registry and CRL, bind, and serve. Raises IssuerError on bad setup."""
+        if self._http is not None:
             raise IssuerError("issuer already started")
-        paths = self.config.paths
-        tls = ServerTls(paths)
-        authenticator = ClientAuthenticator(paths)
+        config, paths = self.config, self.config.paths
+        tls = ServerTls(paths, on_refused=self._events.reload_refused)
+        authenticator = ClientAuthenticator(
+            paths,
+            trust_domain=config.trust_domain,
+            events=self._events,
+            secret_checks=SecretChecks(config.secret_check_workers, config.secret_check_queue),
+            throttle=AuthThrottle(config.throttle),
+            revocations=self._revocations,
+        )
         try:
             authenticator.snapshot()  # fail at start-up, not on the first request
         except OAuthError as exc:
+            authenticator.secret_checks.close()
             raise IssuerError(exc.log_reason) from None
-        httpd = _HTTPServer((self.config.host, self.config.port), tls)
         try:
-            host_url = f"https://{_url_host(self.config.host)}:{httpd.server_port}"
-            issuer_url = self.config.issuer_url or host_url
-            keys = SigningKeys(paths, issuer=issuer_url, audience=self.config.audience, ttl=self.config.token_ttl)
-            httpd.issuer = _Issuer(keys, authenticator, self._clock)
+            http = BoundedHttpServer(
+                self._handle,
+                tls.context,
+                host=config.host,
+                port=config.port,
+                limits=config.http,
+                on_refused=self._events.connection_refused,
+            )
+        except OSError as exc:
+            authenticator.secret_checks.close()
+            raise IssuerError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+        try:
+            host_url = f"https://{_url_host(config.host)}:{http.port}"
+            issuer_url = config.issuer_url or host_url
+            keys = SigningKeys(paths, issuer=issuer_url, audience=config.audience, ttl=config.token_ttl)
+            issuer = _Issuer(keys, authenticator, self._clock, self._events)
+            issuer.body_seconds = http.limits.body_seconds
+            issuer.connection_stats = http.stats
+            self._issuer, self._tls, self._url = issuer, tls, host_url
+            http.start()
         except BaseException:
-            httpd.server_close()
+            http.stop()
+            authenticator.secret_checks.close()
+            self._issuer = None
             raise
-        self._httpd = httpd
-        self._url = host_url
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="aigis-issuer", daemon=True
-        )
-        self._thread.start()
+        self._http = http
         log.info("issuer listening on %s (iss %s)", host_url, issuer_url)
 
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self._issuer is not None
+        return await self._issuer.handle(request)
+
     def stop(self) -> None:
-        """Stop accepting, close the socket and wait (bounded) for the serving thread."""
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is None:
+        """Stop accepting, close every connection and wait (bounded) for the serving thread."""
+        http, issuer = self._http, self._issuer
+        self._http = None
+        if http is None:
             return
-        httpd.shutdown()
-        httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        http.stop()
+        if issuer is not None:
+            issuer.authenticator.secret_checks.close()
 
     @property
     def port(self) -> int:
-        return self._require().server_port
+        return self._require().port
 
     @property
     def url(self) -> str:
@@ -892,17 +1007,28 @@ class IssuerServer:
     @property
     def issuer_url(self) -> str:
         """The `iss` claim of the tokens it mints (config.issuer_url, else `url`)."""
-        return self._require().issuer.tokens.issuer
+        self._require()
+        assert self._issuer is not None
+        return self._issuer.tokens.issuer
 
     @property
     def signing_keys(self) -> SigningKeys:
         """The active signing key and the published JWKS, with the count of refused reloads."""
-        return self._require().issuer.keys
+        self._require()
+        assert self._issuer is not None
+        return self._issuer.keys
 
     @property
     def tls(self) -> ServerTls:
         """The issuer's TLS context, with the count of refused reloads."""
-        return self._require().tls
+        self._require()
+        assert self._tls is not None
+        return self._tls
+
+    @property
+    def connections(self) -> ConnectionStats:
+        """Open, refused and timed-out connection counts."""
+        return self._require().stats
 
     @property
     def token_url(self) -> str:
@@ -912,10 +1038,10 @@ class IssuerServer:
     def jwks_url(self) -> str:
         return self.url + JWKS_PATH
 
-    def _require(self) -> _HTTPServer:
-        if self._httpd is None:
+    def _require(self) -> BoundedHttpServer:
+        if self._http is None:
             raise IssuerError("issuer is not running")
-        return self._httpd
+        return self._http
 
     def __enter__(self) -> IssuerServer:
         self.start()

@@ -44,6 +44,13 @@ class RateLimiter:
         bucket[0] = tokens - 1.0
         return True
 
+    def exhausted(self, key: str) -> bool:
+        """True when `key` has no token left now; consumes nothing (a check before costly work)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return False
+        return min(self.limit.burst, bucket[0] + (self._clock() - bucket[1]) * self.limit.rate) < 1.0
+
     def _evict(self, now: float) -> None:
         """Drop buckets that have refilled completely: forgetting them changes nothing."""
         full_after = self.limit.burst / self.limit.rate if self.limit.rate else float("inf")

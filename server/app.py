@@ -29,8 +29,8 @@ from aigis.auth.audit import AuditError, AuditLog
 from aigis.auth.clients import load_registry
 from aigis.auth.enforcer import Enforcer
 from aigis.auth.guard import Guard
-from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList
-from aigis.auth.issuer import IssuerConfig, IssuerServer
+from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList, SharedRevocations
+from aigis.auth.issuer import IssuerConfig, IssuerEvents, IssuerServer
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from aigis.auth.policy import Policy
 from aigis.auth.ratelimit import RateLimit, RateLimiter
@@ -177,6 +177,17 @@ class FileWatcher:
         log.info("reloaded %s", self.path)
 
 
+def issuer_events(metrics: Metrics) -> IssuerEvents:
+    """The issuer's counters, as this server's metrics."""
+    return IssuerEvents(
+        reload_refused=lambda path: metrics.reload_failures.labels(path.name).inc(),
+        auth_throttled=lambda key: metrics.issuer_auth_throttled.labels(key).inc(),
+        auth_failed=metrics.issuer_auth_failures.inc,
+        secret_checks_shed=metrics.issuer_secret_checks_shed.inc,
+        connection_refused=lambda why: metrics.issuer_connections_refused.labels(why).inc(),
+    )
+
+
 @dataclass
 class AigisServer:
     """A running aigis: the gRPC server, the embedded issuer, the audit writer."""
@@ -246,6 +257,9 @@ async def start_server(config: Config) -> AigisServer:
     except Exception as exc:
         raise StartupError(str(exc)) from None
 
+    metrics = Metrics()
+    # One CRL reader: the server's watcher loads crl.pem; the embedded issuer reads what it loaded.
+    shared_crl = SharedRevocations(revocations)
     issuer: IssuerServer | None = None
     if config.issuer.enabled:
         issuer = IssuerServer(
@@ -256,7 +270,10 @@ async def start_server(config: Config) -> AigisServer:
                 issuer_url=config.issuer.url or None,
                 audience=config.issuer.audience,
                 token_ttl=config.issuer.token_ttl,
-            )
+                trust_domain=cert_policy.trust_domain,
+            ),
+            events=issuer_events(metrics),
+            revocations=shared_crl,
         )
         await asyncio.to_thread(issuer.start)
     try:
@@ -299,7 +316,6 @@ async def start_server(config: Config) -> AigisServer:
         if issuer is not None:
             issuer.stop()
         raise StartupError(f"audit log: {exc}") from None
-    metrics = Metrics()
     metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
     metrics.track_audit_queue(lambda: audit.pending)
     metrics_port = None
@@ -348,7 +364,7 @@ async def start_server(config: Config) -> AigisServer:
         guard.policy = value  # type: ignore[assignment]
 
     def apply_crl(value: object) -> None:
-        guard.revocations = value  # type: ignore[assignment]
+        guard.revocations = shared_crl.current = value  # type: ignore[assignment]
 
     def load_tls() -> object:
         material = tls.read()

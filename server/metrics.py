@@ -61,6 +61,21 @@ class Metrics:
             "aigis_reload_failures", "Changed files refused on reload (last good kept).", ["file"],
             registry=self.registry,
         )
+        self.issuer_connections_refused = Counter(
+            "aigis_issuer_connections_refused", "Issuer connections closed at accept (over a cap).", ["reason"],
+            registry=self.registry,
+        )
+        self.issuer_auth_failures = Counter(
+            "aigis_issuer_auth_failures", "Failed client authentications at the token endpoint.", registry=self.registry
+        )
+        self.issuer_auth_throttled = Counter(
+            "aigis_issuer_auth_throttled", "Token requests refused unchecked: too many failures by client id or peer.",
+            ["key"], registry=self.registry,
+        )
+        self.issuer_secret_checks_shed = Counter(
+            "aigis_issuer_secret_checks_shed", "Token requests refused (503): the secret-check queue was full.",
+            registry=self.registry,
+        )
         self._done: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def done(self, method: str, code: str, seconds: float) -> None:

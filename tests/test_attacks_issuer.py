@@ -31,13 +31,13 @@ from typing import Any
 import pytest
 
 from aigis.auth.bounded_http import HttpLimits
+from aigis.auth.certs import init_pki, issue_client, revoke_client
 from aigis.auth.issuer import TOKEN_PATH, IssuerConfig, IssuerEvents, IssuerServer
 from aigis.auth.pki import PkiPaths
 from aigis.auth.ratelimit import RateLimit
 from aigis.auth.throttle import ThrottleLimits
 from aigis.calculator.v1 import calculator_pb2 as calc
 from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
-from aigis.auth.certs import init_pki, issue_client, revoke_client
 from tests.calls import bearer, channel, issuer_token
 from tests.pki_factory import SERVER_AUTH, Authority, leaf, spiffe
 from tests.private_stack import private_stack

@@ -178,7 +178,8 @@ class ServerProc:
 
 
 def start_servers(
-    kinds: Sequence[str], models: Path, pki: PkiPaths, workdir: Path, tag: str, profile_out: Path | None = None
+    kinds: Sequence[str], models: Path, pki: PkiPaths, workdir: Path, tag: str, profile_out: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[ServerProc]:
     """Start one server per kind in parallel; return them once each has written its ready file."""
     pending: list[tuple[str, Child, Path]] = []
@@ -189,6 +190,7 @@ def start_servers(
                     "--audit-log", str(workdir / f"{tag}-{kind}-audit.jsonl"), "--ready-file", str(ready)]
             if profile_out is not None:
                 args += ["--profile-out", str(profile_out)]
+            args += list(extra_args)
             pending.append((kind, Child(f"{tag}-{kind}-server", "aigis.benchmarks.server", args, workdir, pipes=False),
                             ready))
         servers = []

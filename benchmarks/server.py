@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from aigis.auth.audit import Durability
 from aigis.auth.pki import PkiPaths
 from aigis.calculator.v1 import calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2_grpc
@@ -171,8 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--audit-log", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path, required=True)
     parser.add_argument("--profile-out", type=Path)
+    parser.add_argument("--audit-durability", choices=[d.value for d in Durability],
+                        help="[audit] durability of the aigis server (default: aigis's default)")
     args = parser.parse_args(argv)
     config = bench_config(args.certs, args.models, args.audit_log)
+    if args.audit_durability is not None:
+        config = replace(config, audit_durability=Durability(args.audit_durability))
     return asyncio.run(run(args.kind, config, args.ready_file, args.profile_out))
 
 

@@ -549,6 +549,75 @@ def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], 
             "profile_file": str(out)}
 
 
+DURABILITIES = ("background", "write", "fsync")
+
+
+def run_denials(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
+    """What answering a denial only after its audit record is on disk costs (`--denials`).
+
+    For each `[audit] durability` (background = answered at once, the old behaviour), a fresh
+    aigis server, measured in four windows: valid Add alone; a forged-token flood alone (denials/s
+    and server CPU per denial); one denial at a time (latency); valid Add beside the flood.
+    Modes alternate within each round, so drift on a shared machine hits all alike.
+    """
+    rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DURABILITIES}
+    with tempfile.TemporaryDirectory(prefix="aigis-bench-") as tmp:
+        workdir = Path(tmp)
+        suite = Suite(settings, workdir)
+        model = prepare_model(settings.model_dirs[0], workdir / "models", settings)
+        for r in range(settings.rounds):
+            for mode in DURABILITIES:
+                progress(f"round {r + 1}/{settings.rounds}: durability {mode}")
+                (server,) = start_servers(("aigis",), model.dirs["off"], suite.pki, workdir, f"denials-{mode}-{r}",
+                                          extra_args=["--audit-durability", mode])
+                try:
+                    token = fetch_token(server, suite.pki)
+                    issuer = server.issuer_url or "https://localhost:0"
+                    valid = suite.valid_loads("add", settings.flood_valid_in_flight, token, None)
+                    flood = suite.flood_load(issuer)
+                    one_at_a_time = Load("valid", {**flood.spec, "in_flight": 1})  # its latencies are kept
+                    rows[mode].append({
+                        "valid": suite.measure(server, valid),
+                        "flood": suite.measure(server, [flood]),
+                        "single": suite.measure(server, [one_at_a_time]),
+                        "flooded": suite.measure(server, [*valid, flood]),
+                    })
+                finally:
+                    server.child.stop()
+    table = {}
+    for mode, windows in rows.items():
+        def med(path: Callable[[dict[str, Any]], Any], windows: list[dict[str, Any]] = windows) -> float | None:
+            values = sorted(v for v in (path(w) for w in windows) if v is not None)
+            return values[len(values) // 2] if values else None
+
+        table[mode] = {
+            "valid_rps": med(lambda w: w["valid"]["rps"]),
+            "valid_cpu_us": med(lambda w: w["valid"]["server_cpu_us_per_req"]),
+            "denials_per_s": med(lambda w: w["flood"]["flood"]["rps"]),
+            "denial_cpu_us": med(lambda w: w["flood"]["flood"]["server_cpu_us_per_call"]),
+            "denial_p50_ms": med(lambda w: w["single"]["p50_ms"]),
+            "denial_p99_ms": med(lambda w: w["single"]["p99_ms"]),
+            "valid_rps_flooded": med(lambda w: w["flooded"]["rps"]),
+            "denials_per_s_beside_valid": med(lambda w: w["flooded"]["flood"]["rps"]),
+        }
+    return {"schema": SCHEMA_VERSION, "machine": machine_info(), "kind": "denials",
+            "settings": {"rounds": settings.rounds, "seconds": settings.seconds,
+                         "valid_in_flight": settings.flood_valid_in_flight,
+                         "flood_in_flight": settings.flood_in_flight},
+            "table": table, "windows": rows}
+
+
+def render_denials(result: dict[str, Any]) -> str:
+    columns = [("valid_rps", "Add req/s", 0), ("valid_cpu_us", "CPU µs/Add", 0), ("denials_per_s", "denials/s", 0),
+               ("denial_cpu_us", "CPU µs/denial", 0), ("denial_p50_ms", "denial p50 ms", 2),
+               ("denial_p99_ms", "denial p99 ms", 2), ("valid_rps_flooded", "Add req/s in flood", 0)]
+    lines = ["| durability | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for mode, row in result["table"].items():
+        lines.append(f"| {mode} | " + " | ".join(fmt(row[key], digits) for key, _, digits in columns) + " |")
+    return "\n".join(lines)
+
+
 def _csv_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -618,6 +687,11 @@ def _main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         with _terminate_as_exit():
+            if args.denials:
+                result = run_denials(settings, progress)
+                _write_json(args.json_out, result)
+                print(render_denials(result))
+                return 0
             if args.profile is not None:
                 result = run_profile(settings, args.profile, progress, args.profile_load, args.profile_kind)
                 print(render_profile(result))
@@ -663,6 +737,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--retries", type=int,
                    help="measure a window again when other work used over a quarter core during it (default 2)")
     p.add_argument("--json-out", type=Path, default=Path("bench-results.json"), help="where the raw figures go")
+    p.add_argument("--denials", action="store_true",
+                   help="instead of the suite: what each [audit] durability costs denials and valid calls")
     p.add_argument("--profile", type=Path, metavar="OUT.prof",
                    help="instead of the suite: cProfile an aigis server under Add at the highest load")
     p.add_argument("--profile-load", choices=("add", "flood"), default="add",

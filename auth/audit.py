@@ -37,8 +37,9 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +73,11 @@ DEFAULT_QUEUE_SIZE = 32_768
 # instead (a stalled disk must not hold calls forever; the client then saw no denial).
 DURABLE_WAIT_SECONDS = 5.0
 OVERFLOW_EVENT = "audit_overflow"
+# While the disk is full every batch fails: one error line per this many seconds, not one per batch.
+ERROR_LOG_INTERVAL_SECONDS = 30.0
+# The server logs its chain's newest seq and chain value this often (when it moved): an anchor
+# outside the file, for `aigis audit verify --expect-seq/--expect-chain`.
+ANCHOR_LOG_INTERVAL_SECONDS = 60.0
 _STOP = object()
 _TAIL_CHUNK = 64 * 1024
 
@@ -101,13 +107,9 @@ class _Drops:
     causes: Counter[str] = field(default_factory=Counter)
     first: str | None = None
     last: str | None = None
-    # Denials waiting for this overflow record to be on disk before they are answered.
-    waiters: list[asyncio.Future[bool]] = field(default_factory=list)
 
-    def add(self, entry: Mapping[str, Any], cause: str, waiter: asyncio.Future[bool] | None = None) -> None:
+    def add(self, entry: Mapping[str, Any], cause: str) -> None:
         self.count += 1
-        if waiter is not None:
-            self.waiters.append(waiter)
         self.by_reason[str(entry.get("reason") or entry.get("event") or "-")] += 1
         self.causes[cause] += 1
         stamp = entry.get("timestamp")
@@ -132,6 +134,41 @@ class _Drops:
             "first_timestamp": self.first,
             "last_timestamp": self.last,
         }
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> _Drops:
+        """The counts an overflow event (e.g. one persisted at shutdown) holds."""
+        drops = cls(int(event["dropped"]), Counter(event.get("by_reason") or {}), Counter(event.get("causes") or {}))
+        drops.first, drops.last = event.get("first_timestamp"), event.get("last_timestamp")
+        if drops.count < 0 or not all(isinstance(v, int) for v in (*drops.by_reason.values(), *drops.causes.values())):
+            raise ValueError("not an overflow record")
+        return drops
+
+
+class _LimitedLog:
+    """One kind of error, logged at most once per interval; the lines held back are counted in the next.
+
+    While a disk is full every write fails, and one line per denial would bury everything else
+    (and fill the log's own disk); one line per interval still says it is going on.
+    """
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL_SECONDS) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def error(self, message: str, *args: Any, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._held += 1
+                return
+            held, self._held, self._next = self._held, 0, now + self._interval
+        if held:
+            message += " (and %d more like it in the last %.0f s)"
+            args = (*args, held, self._interval)
+        log.error(message, *args, exc_info=exc_info)
 
 
 class AuditLog:
@@ -177,6 +214,12 @@ class AuditLog:
         self._drops = _Drops()  # not yet reported in an overflow record
         self._draining = False  # an overflow record is being written
         self._closed = False
+        self._persisted = False  # close() saved unwritten drops for the next start
+        # Called (cause, count) for every record lost: the server's aigis_audit_dropped_total.
+        self.on_drop: Callable[[str, int], None] | None = None
+        self._write_errors = _LimitedLog()
+        self._late_records = _LimitedLog()
+        self._anchor_logged = (0, 0.0)  # seq, monotonic time
         self._dropped_total = 0
         self._written = 0
         self._thread: threading.Thread | None = None
@@ -197,9 +240,9 @@ class AuditLog:
     async def record_durably(self, entry: Mapping[str, Any]) -> bool:
         """Queue one record and return True once it is on disk, per `durability`.
 
-        A record that found the queue full counts as on disk once the overflow record counting
-        it is. False: it could not be made durable within `durable_wait` s (disk full, stalled,
-        log closed); the caller must not show the client a denial then. Call on the event loop.
+        False: this very record is not on disk (queue full, write failed, not written within
+        `durable_wait` s, log closed); it is counted as lost, and the caller must not show the
+        client a denial for it. Call on the event loop.
         """
         if self.durability is Durability.BACKGROUND:
             self._submit(entry, None)
@@ -218,17 +261,28 @@ class AuditLog:
     def _submit(self, entry: Mapping[str, Any], waiter: asyncio.Future[bool] | None) -> None:
         with self._cond:
             if self._closed:
-                log.error("audit record after close is lost (request %s)", entry.get("request_id"))
                 if waiter is not None:
                     waiter.set_result(False)
+                if not self._persisted:  # close() will save it with the other drops
+                    self._drop(entry, "shutdown")
+                    return
+                self._late_records.error("audit record after close is lost (request %s)", entry.get("request_id"))
                 return
             if self._pending >= self._queue_size:
-                self._drops.add(entry, "queue_full", waiter)
-                self._dropped_total += 1
+                self._drop(entry, "queue_full")
+                if waiter is not None:
+                    waiter.set_result(False)
                 return
             self._pending += 1
             # Inside the lock, so nothing can be queued behind close()'s stop marker.
             self._queue.put((entry, waiter))
+
+    def _drop(self, entry: Mapping[str, Any], cause: str) -> None:
+        """Count a lost record for the next overflow record and the metric (caller holds the lock)."""
+        self._drops.add(entry, cause)
+        self._dropped_total += 1
+        if self.on_drop is not None:
+            self.on_drop(cause, 1)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far (and any overflow record) is on disk."""
@@ -246,6 +300,11 @@ class AuditLog:
     def pending(self) -> int:
         """Records handed over but not yet on disk (the metrics' audit queue depth)."""
         return self._pending
+
+    @property
+    def anchor(self) -> tuple[int, str]:
+        """(seq, chain) of the newest record on disk: compare with `aigis audit verify --expect-seq`."""
+        return self._seq, self._chain
 
     @property
     def dropped(self) -> int:
@@ -280,6 +339,7 @@ class AuditLog:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._size = os.fstat(self._fd).st_size
             self._sync_dir()
+            self._carry_over()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -301,10 +361,62 @@ class AuditLog:
         # An anchor outside the file: cutting whole records off its end is the one change a
         # chain alone cannot show.
         log.info("audit log %s closed at seq %d (chain %s)", self.path, self._seq, self._chain)
-        if self._drops.count:
-            log.error("audit log closed with %d record(s) never written", self._drops.count)
-        _settle(self._drops.waiters, False)
-        self._drops.waiters = []
+        with self._cond:
+            drops, self._drops, self._persisted = self._drops, _Drops(), True
+        if drops.count:
+            self._persist_drops(drops)
+
+    # ---- losses that outlive the process ---------------------------------------------------------
+
+    @property
+    def carry_over_path(self) -> Path:
+        """Where close() keeps the count of records it could not write, for the next start's chain."""
+        return self.path.with_name(self.path.name + ".dropped")
+
+    def _persist_drops(self, drops: _Drops) -> None:
+        """Save what could not be chained at shutdown (merged with an older file), so the next start chains it."""
+        if self._stdout:
+            log.error("audit: %d record(s) were never written (causes %s)", drops.count, dict(drops.causes))
+            return
+        try:
+            older = _Drops.from_event(json.loads(self.carry_over_path.read_bytes()))
+            drops.merge_older(older)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            log.exception("%s is unreadable; it is replaced", self.carry_over_path)
+        try:
+            tmp = self.carry_over_path.with_name(self.carry_over_path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(drops.event()).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.carry_over_path)
+            self._sync_dir()
+        except OSError as exc:
+            log.error("audit: %d record(s) were never written and cannot be saved for the next start (%s); "
+                      "causes %s", drops.count, exc.strerror, dict(drops.causes))  # fmt: skip
+            return
+        log.error("audit: %d record(s) were never written (causes %s); saved in %s, chained at the next start",
+                  drops.count, dict(drops.causes), self.carry_over_path)  # fmt: skip
+
+    def _carry_over(self) -> None:
+        """At start: chain the losses a previous run saved (the file goes once the record is on disk)."""
+        try:
+            data = self.carry_over_path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            event = {**_Drops.from_event(json.loads(data)).event(), "carried_over": True}
+        except (ValueError, KeyError, TypeError):
+            # Something was lost, but how much is unknown: say exactly that in the chain.
+            event = {"event": OVERFLOW_EVENT, "timestamp": rfc3339_now(), "dropped": None, "carried_over": True,
+                     "detail": f"{self.carry_over_path.name} was unreadable"}  # fmt: skip
+        if self._append([event]):
+            self.carry_over_path.unlink()
+            self._sync_dir()
+            log.warning("audit: chained %s record(s) lost by the previous run", event["dropped"])
 
     # ---- resuming after a restart or crash -------------------------------------------------------
 
@@ -336,7 +448,12 @@ class AuditLog:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
+            try:
+                # With losses not yet chained (disk full), retry their record now and then.
+                batch = [self._queue.get(timeout=1.0 if self._drops.count else None)]
+            except queue.Empty:
+                self._report_drops()
+                continue
             while len(batch) < self._max_batch:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -348,35 +465,38 @@ class AuditLog:
             try:
                 written = self._append([entry for entry, _ in batch]) if batch else 0
             except Exception:
-                log.exception("audit writer failed; %d record(s) will be reported lost", len(batch))
+                self._write_errors.error("audit writer failed; %d record(s) will be reported lost", len(batch),
+                                         exc_info=True)  # fmt: skip
                 written = 0
             with self._cond:
-                for entry, waiter in batch[written:]:
-                    self._drops.add(entry, "write_error", waiter)
-                self._dropped_total += len(batch) - written
+                for entry, _ in batch[written:]:
+                    self._drop(entry, "write_error")
                 self._pending -= len(batch)
                 self._cond.notify_all()
             _settle([waiter for _, waiter in batch[:written] if waiter is not None], True)
+            _settle([waiter for _, waiter in batch[written:] if waiter is not None], False)
             self._report_drops()
+            self._log_anchor()
+
+    def _log_anchor(self) -> None:
+        seq, when = self._anchor_logged
+        now = time.monotonic()
+        if seq != self._seq and now - when >= ANCHOR_LOG_INTERVAL_SECONDS:
+            self._anchor_logged = (self._seq, now)
+            log.info("audit log %s at seq %d (chain %s)", self.path, self._seq, self._chain)
 
     def _report_drops(self) -> None:
-        """Append one overflow record for everything dropped so far (put back if that fails too).
-
-        Denials waiting on it are answered either way: as durable when it is written, otherwise
-        UNAVAILABLE at once (their count stays for the next overflow record).
-        """
+        """Append one overflow record for everything dropped so far (put back if that fails too)."""
         with self._cond:
             if self._drops.count == 0:
                 return
             drops, self._drops, self._draining = self._drops, _Drops(), True
         written = self._append([drops.event()])
-        waiters, drops.waiters = drops.waiters, []
         with self._cond:
             if not written:
                 self._drops.merge_older(drops)
             self._draining = False
             self._cond.notify_all()
-        _settle(waiters, bool(written))
 
     def _append(self, entries: list[Mapping[str, Any]]) -> int:
         """Seal and append `entries` (rotating when a file is full); how many reached the file.
@@ -426,7 +546,9 @@ class AuditLog:
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as exc:
-            log.error("audit log write failed (%s); %d record(s) will be reported lost", exc.strerror, len(lines))
+            self._write_errors.error(
+                "audit log write failed (%s); %d record(s) will be reported lost", exc.strerror, len(lines)
+            )
             if self._stdout:
                 return False
             try:

@@ -318,6 +318,7 @@ async def start_server(config: Config) -> AigisServer:
         raise StartupError(f"audit log: {exc}") from None
     metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
     metrics.track_audit_queue(lambda: audit.pending)
+    audit.on_drop = metrics.track_audit_log(audit.path.name, lambda: audit.anchor[0])
     metrics_port = None
     if config.metrics_listen is not None:
         try:

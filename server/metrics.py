@@ -53,6 +53,16 @@ class Metrics:
         )
         self._models: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.audit_queue = Gauge("aigis_audit_queue_depth", "Audit records not yet on disk.", registry=self.registry)
+        self.audit_dropped = Counter(
+            "aigis_audit_dropped", "Audit records lost, by cause (each also counted in an audit_overflow record).",
+            ["cause"], registry=self.registry,
+        )
+        for cause in ("queue_full", "write_error", "shutdown"):
+            self.audit_dropped.labels(cause)
+        self.audit_last_seq = Gauge(
+            "aigis_audit_last_seq", "seq of the newest audit record on disk (an outside reference for "
+            "`aigis audit verify --expect-seq`).", ["file"], registry=self.registry,
+        )
         self.cert_expiry = Gauge(
             "aigis_certificate_expiry_timestamp_seconds", "notAfter of the certificates in use (POSIX time).",
             ["certificate"], registry=self.registry,
@@ -104,6 +114,15 @@ class Metrics:
 
     def track_audit_queue(self, depth: Callable[[], float]) -> None:
         self.audit_queue.set_function(depth)
+
+    def track_audit_log(self, file: str, last_seq: Callable[[], float]) -> Callable[[str, int], None]:
+        """Export the log's newest seq; returns the callback that counts its losses by cause."""
+        self.audit_last_seq.labels(file).set_function(last_seq)
+
+        def dropped(cause: str, count: int) -> None:
+            self.audit_dropped.labels(cause).inc(count)
+
+        return dropped
 
     def certificate_files(self, files: dict[str, Path]) -> None:
         """Publish notAfter of each certificate file (first certificate in it)."""

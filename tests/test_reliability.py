@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
+import time
+import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,3 +67,71 @@ def test_kill_9_during_a_denial_flood_loses_no_denial_a_client_saw(tmp_path: Pat
     assert min(per_round) > 100, per_round  # the flood really ran in every round
     assert not missing, f"{len(missing)} client-seen denials missing from the audit log"
     assert report.ok, report.problems
+
+
+def metric(port: int, name: str, labels: str = "") -> float:
+    """One sample from the server's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = f"{name}{{{labels}}}" if labels else name
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split(" ")[0] == wanted)
+
+
+def _file_size_limit(soft: int) -> None:
+    """In the child: files may not grow past `soft` bytes (EFBIG: a disk that is full for us); the
+    hard limit stays unlimited, so the test can lift it again (`resource.prlimit`) without root."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, resource.RLIM_INFINITY))
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_disk_full_every_loss_is_chained_counted_and_logged_briefly(tmp_path: Path) -> None:
+    """The log's disk fills during a flood: clients see UNAVAILABLE (never an unrecorded denial), the
+    losses are chained once space is back and counted in aigis_audit_dropped_total, a few ERROR lines
+    only; losses still unwritten at shutdown are chained at the next start."""
+    pki, _ = make_pki(tmp_path / "certs", datetime.now(UTC))
+    audit_log = tmp_path / "audit.jsonl"
+    limit = 48 * 1024  # about 150 records, then every write fails
+    served = serve(tmp_path, pki, audit_log, name="full", preexec=lambda: _file_size_limit(limit))
+    port = served.info["metrics_port"]
+    try:
+        seen = asyncio.run(add_load(served.target, served.pki, in_flight=32, seconds=3, max_calls=20_000))
+        unavailable = seen.codes["UNAVAILABLE"]
+        assert unavailable > 100 and len(seen.denial_ids) > 50, seen.codes
+        dropped = metric(port, "aigis_audit_dropped_total", 'cause="write_error"')
+        assert dropped == unavailable, (dropped, seen.codes)
+        assert audit_log.stat().st_size <= limit
+        # Space is back: the writer chains the losses within its retry second, with no new traffic.
+        resource.prlimit(served.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        _wait_for(lambda: any(r.get("event") == "audit_overflow" for r in read_records(audit_log)), 10,
+                  "the overflow record")  # fmt: skip
+        overflow = [r for r in read_records(audit_log) if r.get("event") == "audit_overflow"]
+        assert sum(r["dropped"] for r in overflow) == unavailable
+        assert sum(r["causes"].get("write_error", 0) for r in overflow) == unavailable
+        logged = {r.get("request_id") for r in read_records(audit_log)}
+        assert seen.denial_ids <= logged
+        # Full again, and stopped while full: the losses go to the carry-over file.
+        size = audit_log.stat().st_size
+        resource.prlimit(served.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        again = asyncio.run(add_load(served.target, served.pki, in_flight=8, seconds=1, max_calls=2_000))
+        assert again.codes["UNAVAILABLE"] > 0 and not again.denial_ids - logged, again.codes
+    finally:
+        assert served.kill(signal.SIGTERM) == 0, served.output()
+    errors = [line for line in served.output().splitlines() if " ERROR " in line]
+    carried = audit_log.with_name(audit_log.name + ".dropped")
+    assert carried.exists(), served.output()
+    print(f"\ndisk full: {len(seen.denial_ids)} denials recorded, {unavailable} calls answered UNAVAILABLE and "
+          f"chained later; {again.codes['UNAVAILABLE']} more lost at shutdown, carried over; "
+          f"{len(errors)} ERROR log lines")
+    assert len(errors) <= 6, "\n".join(errors)
+    restarted = serve(tmp_path, pki, audit_log, name="after-full")
+    assert restarted.kill(signal.SIGTERM) == 0
+    assert not carried.exists()
+    last = [r for r in read_records(audit_log) if r.get("event") == "audit_overflow"][-1]
+    assert last["carried_over"] is True and last["dropped"] >= again.codes["UNAVAILABLE"], last
+    assert verify_log(audit_log, None).ok

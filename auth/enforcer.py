@@ -29,6 +29,8 @@ REQUEST_ID_KEY = "aigis-request-id"
 
 #: Called once per denied call with (method, decision), before the abort: the server counts it.
 DenialObserver = Callable[[str, Decision], None]
+#: Called once per call the shadow policy judged, with (method, enforced, shadow decision).
+ShadowObserver = Callable[[str, Decision, Decision], None]
 
 
 def new_request_id() -> str:
@@ -38,10 +40,18 @@ def new_request_id() -> str:
 class Enforcer:
     """Authenticates, authorizes and audits one RPC; aborts it when it is not allowed."""
 
-    def __init__(self, guard: Guard, audit: AuditLog | None, *, on_denial: DenialObserver | None = None) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        audit: AuditLog | None,
+        *,
+        on_denial: DenialObserver | None = None,
+        on_shadow: ShadowObserver | None = None,
+    ) -> None:
         self._guard = guard
         self._audit = audit
         self._on_denial = on_denial
+        self._on_shadow = on_shadow
 
     async def enforce(self, method: str, context: aio.ServicerContext) -> Verdict:
         """Return the verdict when the call may proceed; otherwise audit and abort it (raises)."""
@@ -54,12 +64,25 @@ class Enforcer:
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
             await self._deny(method, context, verdict, request_id)
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
+        # A dry-run record and the enforced record of the same call share one request id.
+        shared_id = self._dry_run(method, context, verdict) if verdict.shadow is not None else None
         if verdict.decision.allowed:
             if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
-                self._audit.record(audit_record(method, context, verdict, new_request_id()))
+                self._audit.record(audit_record(method, context, verdict, shared_id or new_request_id()))
             return verdict
-        await self._deny(method, context, verdict, new_request_id())
+        await self._deny(method, context, verdict, shared_id or new_request_id())
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def _dry_run(self, method: str, context: aio.ServicerContext, verdict: Verdict) -> str | None:
+        """Count the shadow decision; audit it when it differs. Returns the request id it used."""
+        assert verdict.shadow is not None
+        if self._on_shadow is not None:
+            self._on_shadow(method, verdict.decision, verdict.shadow)
+        if not verdict.shadow_differs or self._audit is None:
+            return None
+        request_id = new_request_id()
+        self._audit.record(dry_run_record(method, context, verdict, request_id))
+        return request_id
 
     async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> None:
         code = verdict.decision.status
@@ -89,6 +112,16 @@ def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, re
         "policy_name": decision.policy_name,
         "matched_rule": decision.matched_rule,
     }
+
+
+def dry_run_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> dict[str, Any]:
+    """What the shadow policy would have decided, marked `dry_run`; `enforced_*` says what happened."""
+    assert verdict.shadow is not None
+    record = audit_record(method, context, Verdict(verdict.shadow, verdict.identity, verdict.token), request_id)
+    record["dry_run"] = True
+    record["enforced_authorized"] = verdict.decision.allowed
+    record["enforced_reason"] = verdict.decision.reason.value if verdict.decision.reason is not None else None
+    return record
 
 
 _AUDIT_DENIALS = frozenset({AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW})

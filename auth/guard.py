@@ -5,6 +5,10 @@ certificate binding (RFC 8705) -> authorization policy. The first failure decide
 error is a denial (fail closed). Everything repeatable is cached: parsed
 certificates (IdentityCache), verified tokens (TokenVerifier), and policy decisions for
 (certificate, method, scopes) when the policy does not look at headers.
+
+A shadow (dry-run) policy, when set, is evaluated beside the enforced one on every call that
+reaches the policy step; its decision rides along in the Verdict and never decides anything. An
+error in it is logged and leaves the call as the enforced policy decided (dry-run must not deny).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ class Verdict:
     decision: Decision
     identity: PeerIdentity | None = None
     token: VerifiedToken | None = None
+    shadow: Decision | None = None  # what the shadow policy would have decided (never enforced)
+
+    @property
+    def shadow_differs(self) -> bool:
+        """The shadow policy would have allowed what was denied, or denied what was allowed."""
+        return self.shadow is not None and self.shadow.allowed != self.decision.allowed
 
 
 class Guard:
@@ -46,14 +56,16 @@ class Guard:
         identities: IdentityCache | None = None,
         rate_limiter: RateLimiter | None = None,
         require_binding: bool = False,
+        shadow_policy: Policy | None = None,
     ) -> None:
         self.verifier = verifier
         self.identities = identities or IdentityCache()
         self._rate_limiter = rate_limiter
         self._require_binding = require_binding
         self._revocations = revocations or RevocationList()
-        self._decisions: dict[tuple[str, str, frozenset[str] | None], Decision] = {}
+        self._decisions: dict[tuple[str, str, frozenset[str] | None], tuple[Decision, Decision | None]] = {}
         self._policy = policy
+        self._shadow = shadow_policy
 
     @property
     def policy(self) -> Policy:
@@ -62,6 +74,15 @@ class Guard:
     @policy.setter
     def policy(self, policy: Policy) -> None:
         self._policy = policy
+        self._decisions = {}
+
+    @property
+    def shadow_policy(self) -> Policy | None:
+        return self._shadow
+
+    @shadow_policy.setter
+    def shadow_policy(self, policy: Policy | None) -> None:
+        self._shadow = policy
         self._decisions = {}
 
     @property
@@ -98,14 +119,35 @@ class Guard:
             if bound_to is None and self._require_binding:
                 return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
 
-        policy = self._policy
-        if policy.uses_headers:
-            return Verdict(policy.evaluate(method, identity, metadata, token), identity, token)
-        key = (identity.fingerprint, method, token.scopes if token is not None else None)
-        decision = self._decisions.get(key)
-        if decision is None:
+        policy, shadow = self._policy, self._shadow
+        if policy.uses_headers or (shadow is not None and shadow.uses_headers):
             decision = policy.evaluate(method, identity, metadata, token)
+            return Verdict(decision, identity, token, _dry_run(shadow, method, identity, metadata, token))
+        key = (identity.fingerprint, method, token.scopes if token is not None else None)
+        cached = self._decisions.get(key)
+        if cached is None:
+            cached = (
+                policy.evaluate(method, identity, metadata, token),
+                _dry_run(shadow, method, identity, metadata, token),
+            )
             if len(self._decisions) >= _DECISION_CACHE_MAX:
                 self._decisions.clear()
-            self._decisions[key] = decision
-        return Verdict(decision, identity, token)
+            self._decisions[key] = cached
+        return Verdict(cached[0], identity, token, cached[1])
+
+
+def _dry_run(
+    shadow: Policy | None,
+    method: str,
+    identity: PeerIdentity,
+    metadata: Sequence[Any],
+    token: VerifiedToken | None,
+) -> Decision | None:
+    """The shadow policy's decision, or None (no shadow policy, or it failed: never a denial)."""
+    if shadow is None:
+        return None
+    try:
+        return shadow.evaluate(method, identity, metadata, token)
+    except Exception:
+        log.exception("shadow policy %s failed for %s; ignored (dry-run never decides)", shadow.name, method)
+        return None

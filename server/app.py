@@ -249,6 +249,7 @@ async def start_server(config: Config) -> AigisServer:
     tls = await asyncio.to_thread(server_credentials, pki)
     try:
         policy = await asyncio.to_thread(Policy.load, config.policy)
+        shadow = await asyncio.to_thread(Policy.load, config.shadow_policy) if config.shadow_policy else None
         revocations = await asyncio.to_thread(RevocationList.load, pki.crl, pki.ca_cert)
         repository = await asyncio.to_thread(ModelRepository.load, config.models)
         cert_policy = await asyncio.to_thread(client_certificate_policy, config, pki)
@@ -298,6 +299,7 @@ async def start_server(config: Config) -> AigisServer:
     guard = Guard(
         verifier=verifier,
         policy=policy,
+        shadow_policy=shadow,
         revocations=revocations,
         identities=IdentityCache(cert_policy),
         rate_limiter=RateLimiter(RateLimit(limits.rate_per_second, limits.rate_burst))
@@ -327,7 +329,7 @@ async def start_server(config: Config) -> AigisServer:
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
     server = aio.server(options=grpc_options(config))
     # Every service registers through the registrar, which wraps each handler with the checks.
-    enforcer = Enforcer(guard, audit, on_denial=metrics.denial_observer)
+    enforcer = Enforcer(guard, audit, on_denial=metrics.denial_observer, on_shadow=metrics.shadow_observer)
     security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics)
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
@@ -364,6 +366,9 @@ async def start_server(config: Config) -> AigisServer:
     def apply_policy(value: object) -> None:
         guard.policy = value  # type: ignore[assignment]
 
+    def apply_shadow(value: object) -> None:
+        guard.shadow_policy = value  # type: ignore[assignment]
+
     def apply_crl(value: object) -> None:
         guard.revocations = shared_crl.current = value  # type: ignore[assignment]
 
@@ -391,6 +396,11 @@ async def start_server(config: Config) -> AigisServer:
     jwks_files = sorted({i.jwks_file for i in issuers if i.jwks_file is not None})
     watchers = [
         FileWatcher(config.policy, lambda: Policy.load(config.policy), apply_policy, refused),
+        *(
+            [FileWatcher(path, lambda: Policy.load(path), apply_shadow, refused)]
+            if (path := config.shadow_policy) is not None
+            else []
+        ),
         FileWatcher(pki.crl, lambda: RevocationList.load(pki.crl, pki.ca_cert), apply_crl, refused),
         # The CA bundle first: a rotation that changes it and the server certificate together then
         # updates the identity check in the same step as the handshake's trust anchors.

@@ -139,6 +139,9 @@ class Config:
     certs: Path = Path("certs")
     models: Path = BUNDLED_MODELS
     policy: Path = BUNDLED_POLICY
+    # A shadow (dry-run) policy in the same format: evaluated beside `policy` on every call, never
+    # enforced; where it would decide differently, the audit log gets a `dry_run` record.
+    shadow_policy: Path | None = None
     audit_log: Path = Path("aigis-audit.jsonl")
     # [audit]: the chain's HMAC key file, kept apart from the log (None: unkeyed SHA-256 chain);
     # the size at which a file is rotated; records the writer may fall behind by before it
@@ -353,6 +356,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         certs=server.path("certs", default.certs) or default.certs,
         models=server.path("models", default.models) or default.models,
         policy=auth.path("policy", default.policy) or default.policy,
+        shadow_policy=auth.path("shadow_policy", None),
         audit_log=audit.path("path", default.audit_log) or default.audit_log,
         audit_hmac_key_file=audit.path("hmac_key_file", None),
         audit_max_bytes=audit.positive("max_bytes", default.audit_max_bytes, int),

@@ -86,7 +86,15 @@ class Metrics:
             "aigis_issuer_secret_checks_shed", "Token requests refused (503): the secret-check queue was full.",
             registry=self.registry,
         )
+        self.shadow = Counter(
+            "aigis_shadow_decisions",
+            "Shadow (dry-run) policy decisions next to the enforced ones: agree, would_allow (enforced "
+            "denied), would_deny (enforced allowed).",
+            ["method", "result"],
+            registry=self.registry,
+        )
         self._done: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._shadow: dict[tuple[str, bool, bool], Counter] = {}
 
     def done(self, method: str, code: str, seconds: float) -> None:
         children = self._done.get((method, code))
@@ -111,6 +119,16 @@ class Metrics:
     def denial_observer(self, method: str, decision: Decision) -> None:
         """The Enforcer's hook: count a denial by reason (its code and latency are counted by the wrapper)."""
         self.denied(decision.reason.value if decision.reason is not None else "")
+
+    def shadow_observer(self, method: str, enforced: Decision, shadow: Decision) -> None:
+        """The Enforcer's hook for a dry-run decision: count agreement and each kind of difference."""
+        key = (method, enforced.allowed, shadow.allowed)
+        child = self._shadow.get(key)
+        if child is None:
+            differs = "would_allow" if shadow.allowed else "would_deny"
+            result = "agree" if enforced.allowed == shadow.allowed else differs
+            child = self._shadow[key] = self.shadow.labels(method, result)
+        child.inc()
 
     def track_audit_queue(self, depth: Callable[[], float]) -> None:
         self.audit_queue.set_function(depth)

@@ -109,7 +109,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
             by_reason = record.get("by_reason")
             if isinstance(by_reason, dict):
                 lost.update({str(k): int(v) for k, v in by_reason.items() if isinstance(v, int)})
-        elif not is_event(record) and record.get("authorized") is not True:
+        elif not is_event(record) and record.get("authorized") is not True and record.get("dry_run") is not True:
             reasons[str(record.get("reason") or "-")] += 1
             principals[str(record.get("principal") or "-")] += 1
     return Summary(sum(reasons.values()), _ranked(reasons), _ranked(principals), sum(lost.values()), _ranked(lost))

@@ -33,6 +33,9 @@ class Reason(enum.StrEnum):
     TOKEN_INVALID = "token_invalid"  # any other token failure (e.g. unknown crit header)
     TOKEN_CERT_MISMATCH = "token_cert_mismatch"  # certificate-bound token (RFC 8705 cnf) on another certificate
     TOKEN_UNBOUND = "token_unbound"  # binding is required and the token carries no cnf x5t#S256
+    TOKEN_BINDING_UNVERIFIABLE = "token_binding_unverifiable"  # cnf claims a binding we cannot check (RFC 7800 §3)
+    TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"  # exp - iat above the issuer's maximum lifetime
+    TOKEN_CLIENT_REVOKED = "token_client_revoked"  # the token's client_id is revoked in the client registry
     CHECK_ERROR = "check_error"  # an unexpected error while checking: fail closed
     # Not the caller's fault, retry later: UNAVAILABLE.
     TOKEN_KEYS_UNAVAILABLE = "token_keys_unavailable"  # the issuer's JWK Set is not cached and cannot be fetched

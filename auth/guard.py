@@ -44,6 +44,21 @@ class Verdict:
         return self.shadow is not None and self.shadow.allowed != self.decision.allowed
 
 
+@dataclass(frozen=True, slots=True)
+class RevokedClients:
+    """Client ids revoked in the client registry, for the tokens of the issuer that registry serves.
+
+    A token obtained with a client secret is not bound to a certificate, so the CRL does not stop
+    it: it is refused by its `client_id` instead, from the moment `aigis certs revoke` runs.
+    """
+
+    issuer: str = ""
+    client_ids: frozenset[str] = frozenset()
+
+    def covers(self, token: VerifiedToken) -> bool:
+        return token.client_id in self.client_ids and token.issuer == self.issuer
+
+
 class Guard:
     """Decides one RPC from its servicer context. Policy and CRL can be swapped while serving."""
 
@@ -57,8 +72,10 @@ class Guard:
         rate_limiter: RateLimiter | None = None,
         require_binding: bool = False,
         shadow_policy: Policy | None = None,
+        revoked_clients: RevokedClients | None = None,
     ) -> None:
         self.verifier = verifier
+        self.revoked_clients = revoked_clients or RevokedClients()
         self.identities = identities or IdentityCache()
         self._rate_limiter = rate_limiter
         self._require_binding = require_binding
@@ -112,6 +129,8 @@ class Guard:
         except TokenError as exc:
             return Verdict(Decision.deny(exc.reason), identity)
         if token is not None:
+            if self.revoked_clients.covers(token):
+                return Verdict(Decision.deny(Reason.TOKEN_CLIENT_REVOKED), identity, token)
             # RFC 8705 §3: a certificate-bound token is only good over the certificate it names.
             bound_to = token.cnf_x5t_s256
             if bound_to is not None and bound_to != identity.fingerprint:

@@ -29,10 +29,14 @@ step  check                                                           reason on 
         InvalidSubjectError, InvalidJTIError, ...) -> TOKEN_INVALID
  8    ``exp`` > now - leeway                                           TOKEN_EXPIRED
       ``nbf`` (if present) and ``iat`` <= now + leeway                 TOKEN_NOT_YET_VALID
+      ``exp - iat`` <= the issuer's ``max_lifetime`` (24 h default)     TOKEN_LIFETIME_TOO_LONG
       time claims that are not JSON numbers                            TOKEN_INVALID
  9    ``sub`` non-empty, ``client_id``/``jti`` strings, ``scope`` a     TOKEN_INVALID
       string (or ``scp``, or the issuer's ``scope_claim``, a string or
-      list of strings), ``cnf`` object
+      list of strings)
+10    ``cnf``, if present, an object holding exactly ``x5t#S256``       TOKEN_INVALID /
+      (a SHA-256 thumbprint): any other confirmation method cannot be   TOKEN_BINDING_UNVERIFIABLE
+      verified here, so the token is refused (RFC 7800 §3)
  *    any unexpected exception (fail closed)                           TOKEN_INVALID
 ====  ==============================================================  ===========================
 
@@ -91,6 +95,10 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
+# The embedded issuer's longest token lifetime (auth/issuer.py MAX_TOKEN_TTL) is 24 h.
+DEFAULT_MAX_LIFETIME = timedelta(hours=24)
+# RFC 8705 §3.1: x5t#S256 is base64url(SHA-256(DER)) without padding: 43 characters.
+_X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")
 
 # Subclasses before their bases: InvalidSignatureError is a DecodeError.
 _PYJWT_REASONS: tuple[tuple[type[Exception], Reason], ...] = (
@@ -132,10 +140,14 @@ class TrustedIssuer:
     # The claim holding the scopes (a space-delimited string or a list of strings). None: RFC 9068
     # `scope`, else `scp`.
     scope_claim: str | None = None
+    # The longest `exp - iat` accepted from this issuer: a token minted for centuries is refused.
+    max_lifetime: timedelta = DEFAULT_MAX_LIFETIME
 
     def __post_init__(self) -> None:
         if not self.issuer or not self.audience:
             raise ValueError("TrustedIssuer needs a non-empty issuer and audience")
+        if not timedelta(seconds=1) <= self.max_lifetime <= timedelta(days=366):
+            raise ValueError(f"issuer {self.issuer!r}: max_lifetime must be between 1 s and 366 days")
         if self.jwks_file is not None and self.jwks_url is not None:
             raise ValueError(f"issuer {self.issuer!r}: give at most one of jwks_file and jwks_url")
         if self.jwks_url is not None and urlparse(self.jwks_url).scheme != "https":
@@ -287,6 +299,27 @@ def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
     if not isinstance(value, str) or not value:
         raise TokenError(Reason.TOKEN_INVALID, f"{name} is not a non-empty string")
     return value
+
+
+def _certificate_binding(claims: Mapping[str, Any]) -> str | None:
+    """The RFC 8705 thumbprint the token is bound to; None when it claims no binding.
+
+    RFC 7800 §3: a token that says it is bound is only good when that binding is verified. The one
+    confirmation method we can check is `x5t#S256` against the TLS client certificate; a `cnf`
+    with anything else (`jkt`, `x5t`, `jwk`, `kid`, `jku`, an empty object, an extra member) is
+    refused rather than used as a plain bearer token.
+    """
+    if "cnf" not in claims:
+        return None
+    cnf = claims["cnf"]
+    if not isinstance(cnf, dict):
+        raise TokenError(Reason.TOKEN_INVALID, "cnf is not an object")
+    if set(cnf) != {"x5t#S256"}:
+        raise TokenError(Reason.TOKEN_BINDING_UNVERIFIABLE, "cnf holds a confirmation method other than x5t#S256")
+    thumbprint = cnf["x5t#S256"]
+    if not isinstance(thumbprint, str) or not _X5T_S256.fullmatch(thumbprint):
+        raise TokenError(Reason.TOKEN_BINDING_UNVERIFIABLE, "cnf x5t#S256 is not a SHA-256 thumbprint")
+    return thumbprint
 
 
 class TokenVerifier:
@@ -445,13 +478,10 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise TokenError(_reason_for(exc), type(exc).__name__) from None
 
-        expires_at = self._check_times(claims)
+        expires_at = self._check_times(claims, issuer.max_lifetime.total_seconds())
         subject = claims["sub"]
         if not subject:
             raise TokenError(Reason.TOKEN_INVALID, "empty sub")
-        cnf = claims.get("cnf")
-        if cnf is not None and not isinstance(cnf, dict):
-            raise TokenError(Reason.TOKEN_INVALID, "cnf is not an object")
         verified = VerifiedToken(
             subject=subject,
             client_id=_optional_str(claims, "client_id") or subject,
@@ -459,13 +489,13 @@ class TokenVerifier:
             issuer=issuer.issuer,
             expires_at=expires_at,
             jti=_optional_str(claims, "jti"),
-            cnf_x5t_s256=_optional_str(cnf, "x5t#S256") if cnf is not None else None,
+            cnf_x5t_s256=_certificate_binding(claims),
         )
         if self._cache_size and generation == self._generation and self._clock() < expires_at:
             self._remember(token, verified)
         return verified
 
-    def _check_times(self, claims: Mapping[str, Any]) -> float:
+    def _check_times(self, claims: Mapping[str, Any], max_lifetime: float) -> float:
         now, leeway = self._clock(), self._leeway
         exp = _time_claim(claims, "exp")
         iat = _time_claim(claims, "iat")
@@ -477,6 +507,8 @@ class TokenVerifier:
             raise TokenError(Reason.TOKEN_NOT_YET_VALID, "nbf in the future")
         if iat > now + leeway:
             raise TokenError(Reason.TOKEN_NOT_YET_VALID, "iat in the future")
+        if exp - iat > max_lifetime:
+            raise TokenError(Reason.TOKEN_LIFETIME_TOO_LONG, f"exp - iat = {exp - iat:.0f} s")
         return exp
 
     def _remember(self, token: str, verified: VerifiedToken) -> None:

@@ -26,9 +26,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
 from aigis.auth.audit import AuditError, AuditLog
-from aigis.auth.clients import load_registry
+from aigis.auth.clients import RegistryError, load_registry
 from aigis.auth.enforcer import Enforcer
-from aigis.auth.guard import Guard
+from aigis.auth.guard import Guard, RevokedClients
 from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList, SharedRevocations
 from aigis.auth.issuer import IssuerConfig, IssuerEvents, IssuerServer
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
@@ -90,6 +90,7 @@ def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIss
             ca_file=e.ca_file,
             token_types=e.token_types,
             scope_claim=e.scope_claim,
+            max_lifetime=e.max_lifetime,
         )
         for e in config.external_issuers
     ]
@@ -97,6 +98,18 @@ def trusted_issuers(config: Config, embedded_url: str | None) -> list[TrustedIss
         url = embedded_url or config.issuer.issuer_url()
         issuers.append(TrustedIssuer(url, config.issuer.audience, jwks_file=config.pki.jwks))
     return issuers
+
+
+def revoked_clients(pki: PkiPaths, issuers: list[TrustedIssuer]) -> RevokedClients:
+    """Revoked client ids of the registry, for tokens of the issuer whose key set it publishes.
+
+    No registry (a deployment trusting only external issuers): nothing to refuse. Blocking reads.
+    """
+    local = next((i.issuer for i in issuers if i.jwks_file == pki.jwks), None)
+    if local is None or not pki.clients_registry.exists():
+        return RevokedClients()
+    registry = load_registry(pki.clients_registry)
+    return RevokedClients(local, frozenset(c.name for c in registry.clients if c.revoked))
 
 
 def grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -294,6 +307,12 @@ async def start_server(config: Config) -> AigisServer:
         if issuer is not None:
             issuer.stop()
         raise StartupError(f"token verification keys: {exc}") from None
+    try:
+        revoked = await asyncio.to_thread(revoked_clients, pki, issuers)
+    except RegistryError as exc:
+        if issuer is not None:
+            issuer.stop()
+        raise StartupError(str(exc)) from None
 
     limits = config.limits
     guard = Guard(
@@ -306,6 +325,7 @@ async def start_server(config: Config) -> AigisServer:
         if limits.rate_per_second > 0
         else None,
         require_binding=config.require_bound_tokens,
+        revoked_clients=revoked,
     )
     audit = AuditLog(
         config.audit_log, hmac_key_file=config.audit_hmac_key_file, worker_id=config.worker_id,
@@ -369,6 +389,9 @@ async def start_server(config: Config) -> AigisServer:
     def apply_shadow(value: object) -> None:
         guard.shadow_policy = value  # type: ignore[assignment]
 
+    def apply_revoked_clients(value: object) -> None:
+        guard.revoked_clients = value  # type: ignore[assignment]
+
     def apply_crl(value: object) -> None:
         guard.revocations = shared_crl.current = value  # type: ignore[assignment]
 
@@ -402,6 +425,7 @@ async def start_server(config: Config) -> AigisServer:
             else []
         ),
         FileWatcher(pki.crl, lambda: RevocationList.load(pki.crl, pki.ca_cert), apply_crl, refused),
+        FileWatcher(pki.clients_registry, lambda: revoked_clients(pki, issuers), apply_revoked_clients, refused),
         # The CA bundle first: a rotation that changes it and the server certificate together then
         # updates the identity check in the same step as the handshake's trust anchors.
         FileWatcher(pki.ca_cert, load_ca, apply_ca, refused),

@@ -23,6 +23,7 @@ from typing import Any
 
 from aigis.auth.audit import Durability
 from aigis.auth.pki import PkiPaths
+from aigis.auth.tokens import DEFAULT_MAX_LIFETIME
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODELS = PACKAGE_DIR / "models"
@@ -66,6 +67,7 @@ class ExternalIssuer:
     ca_file: Path | None = None
     token_types: tuple[str, ...] = ("at+jwt",)  # accepted JWS typ values; RFC 9068's at+jwt by default
     scope_claim: str | None = None  # None: `scope`, else `scp`
+    max_lifetime: timedelta = DEFAULT_MAX_LIFETIME  # longest exp - iat accepted from this issuer
 
 
 @dataclass(frozen=True)
@@ -436,7 +438,10 @@ def _external_issuer(entry: Any, prefix: str, base: Path) -> ExternalIssuer:
     ca_file = section.path("ca_file", None)
     token_types = section.get("token_types", list, ["at+jwt"])
     scope_claim = section.get("scope_claim", str, None)
+    max_lifetime = section.get("max_token_lifetime_seconds", int, int(DEFAULT_MAX_LIFETIME.total_seconds()))
     section.finish()
+    if not 1 <= max_lifetime <= 366 * 86400:
+        raise ConfigError(f"{prefix}.max_token_lifetime_seconds: must be between 1 and {366 * 86400}")
     if jwks_url is not None and jwks_file is not None:
         raise ConfigError(f"{prefix}: set at most one of jwks_url and jwks_file (neither: discovery)")
     if jwks_url is not None and not jwks_url.startswith("https://"):
@@ -450,7 +455,9 @@ def _external_issuer(entry: Any, prefix: str, base: Path) -> ExternalIssuer:
             raise ConfigError(f"{prefix}.token_types[{i}]: expected a non-empty string, got {typ!r}")
     if scope_claim == "":
         raise ConfigError(f"{prefix}.scope_claim: must not be empty")
-    return ExternalIssuer(issuer, audience, jwks_url, jwks_file, ca_file, tuple(token_types), scope_claim)
+    return ExternalIssuer(
+        issuer, audience, jwks_url, jwks_file, ca_file, tuple(token_types), scope_claim, timedelta(seconds=max_lifetime)
+    )
 
 
 def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

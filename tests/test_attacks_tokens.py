@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from forge import ALL_SCOPES, factory, real_key, valid_claims
 from jwt_factory import REMOVE, b64url, generate_key, hs256_token, raw_token, replace_segment, tamper_claims
+from private_stack import private_stack
 
+from aigis.auth.certs import revoke_client
 from aigis.auth.tokens import MAX_AUTHORIZATION_CHARS
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -70,6 +75,12 @@ def hs256_with_public_key(stack: Any, secret: Callable[[Any], bytes]) -> str:
     key = real_key(stack)
     header = {"typ": "at+jwt", "alg": "HS256", "kid": key.kid}
     return hs256_token(header, factory(stack).claims(**valid_claims("demo")), secret(key))
+
+
+def demo_thumbprint(stack: Any) -> str:
+    """demo's real x5t#S256, so only the extra cnf member is wrong."""
+    cert = x509.load_pem_x509_certificate(stack.pki.client_cert("demo").read_bytes())
+    return b64url(cert.fingerprint(hashes.SHA256()))
 
 
 def padded(stack: Any, length: int) -> str:
@@ -199,6 +210,30 @@ ATTACKS: dict[str, tuple[Callable[[Any], Metadata], str]] = {
     "jti-not-a-string": (lambda s: bearer(token(s, jti=42)), "token_invalid"),
     "scope-as-list": (lambda s: bearer(token(s, scope=["calculator:compute"])), "token_invalid"),
     "cnf-not-an-object": (lambda s: bearer(token(s, cnf="x5t")), "token_invalid"),
+    # RFC 7800 §3: a token claiming a binding aigis cannot verify is refused, not used as a bearer
+    "cnf-jkt": (lambda s: bearer(token(s, cnf={"jkt": b64url(b"\1" * 32)})), "token_binding_unverifiable"),
+    "cnf-x5t-sha1": (lambda s: bearer(token(s, cnf={"x5t": b64url(b"\1" * 20)})), "token_binding_unverifiable"),
+    "cnf-empty-object": (lambda s: bearer(token(s, cnf={})), "token_binding_unverifiable"),
+    "cnf-jwk": (
+        lambda s: bearer(token(s, cnf={"jwk": {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}})),
+        "token_binding_unverifiable",
+    ),
+    "cnf-kid": (lambda s: bearer(token(s, cnf={"kid": "k1"})), "token_binding_unverifiable"),
+    "cnf-x5t-s256-plus-jkt": (
+        lambda s: bearer(token(s, cnf={"x5t#S256": demo_thumbprint(s), "jkt": b64url(b"\1" * 32)})),
+        "token_binding_unverifiable",
+    ),
+    "cnf-x5t-s256-not-a-sha256": (lambda s: bearer(token(s, cnf={"x5t#S256": "abc"})), "token_binding_unverifiable"),
+    "cnf-x5t-s256-a-number": (lambda s: bearer(token(s, cnf={"x5t#S256": 7})), "token_binding_unverifiable"),
+    "cnf-null": (lambda s: bearer(token(s, cnf=None)), "token_invalid"),
+    # A per-issuer maximum lifetime (exp - iat, 24 h by default)
+    "exp-centuries-ahead": (
+        lambda s: bearer(token(s, iat=now(), exp=now() + 300 * 365 * 86400)), "token_lifetime_too_long"
+    ),
+    "lifetime-24h-plus-1s": (lambda s: bearer(token(s, iat=now(), exp=now() + 86401)), "token_lifetime_too_long"),
+    "iat-years-ago-exp-soon": (
+        lambda s: bearer(token(s, iat=now() - 5 * 365 * 86400, exp=now() + 300)), "token_lifetime_too_long"
+    ),
     # RFC 8705: a certificate-bound token works only over the certificate it names
     "token-issued-to-another-client": (lambda s: bearer(issuer_token(s, "calc-only")), "token_cert_mismatch"),
     "token-bound-to-another-thumbprint": (
@@ -296,3 +331,34 @@ def test_token_variant_is_accepted(stack: Any, variant: str, kind: str) -> None:
     with channel(stack, "demo") as ch:
         assert RPC_KINDS[kind](ch, md) == EXPECTED[kind]
     assert stack.audit_records()[before:] == []
+
+
+def _secret_token(stack: Any, client: str, secret: str) -> str:
+    """A token by client_secret_basic: not bound to any certificate."""
+    context = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
+    request = urllib.request.Request(
+        stack.token_url,
+        data=b"grant_type=client_credentials",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Authorization": "Basic " + base64.b64encode(f"{client}:{secret}".encode()).decode(),
+        },
+    )
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        return str(json.loads(response.read())["access_token"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_token_of_a_client_revoked_in_the_registry_is_refused(tmp_path: Path, kind: str) -> None:
+    """An unbound token obtained with a secret stops working as soon as its client is revoked
+    (token_client_revoked), although it has not expired; other clients' tokens keep working."""
+    with private_stack(tmp_path) as stack:
+        stolen = bearer(_secret_token(stack, "secret-client", stack.secret))
+        with channel(stack, "demo") as ch:
+            assert run(lambda: RPC_KINDS[kind](ch, stolen)).code == grpc.StatusCode.OK
+            revoke_client(stack.pki, "secret-client", now=datetime.now(UTC))
+            stack.run(stack.server.reload_now())
+            before = len(stack.audit_records())
+            outcome = run(lambda: RPC_KINDS[kind](ch, stolen))
+        assert_denied(stack, before, outcome, UNAUTH, "token_client_revoked")
+        assert_serving(stack, kind)

@@ -173,7 +173,7 @@ def test_verifies_each_algorithm(verifier: TokenVerifier, keys: Keys, alg: str) 
         client_id="client-7",
         jti="j-42",
         scope="calculator:compute classifier:predict",
-        cnf={"x5t#S256": "thumb"},
+        cnf={"x5t#S256": "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc"},
     )
     assert verify(verifier, token) == VerifiedToken(
         subject="svc-1",
@@ -182,7 +182,7 @@ def test_verifies_each_algorithm(verifier: TokenVerifier, keys: Keys, alg: str) 
         issuer=ISSUER,
         expires_at=NOW + 300,
         jti="j-42",
-        cnf_x5t_s256="thumb",
+        cnf_x5t_s256="BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc",
     )
 
 
@@ -839,3 +839,51 @@ def test_unknown_kid_rereads_the_file_at_most_once_per_interval(tmp_path: Path, 
     write_jwks(path, [new_key, keys.es256])
     # Within the first second after loading, the file is not read again: the kid stays unknown.
     assert refused(verifier, TokenFactory(new_key).make()).reason is Reason.TOKEN_UNKNOWN_KEY
+
+
+# ---- binding and lifetime (issue 11 items 4-5) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "max_lifetime", "reason"),
+    [
+        pytest.param(600, timedelta(minutes=10), None, id="exactly-the-maximum"),
+        pytest.param(601, timedelta(minutes=10), Reason.TOKEN_LIFETIME_TOO_LONG, id="one-second-over"),
+        pytest.param(86_400, TrustedIssuer(ISSUER, AUDIENCE).max_lifetime, None, id="default-24h"),
+        pytest.param(10**10, timedelta(days=366), Reason.TOKEN_LIFETIME_TOO_LONG, id="centuries"),
+    ],
+)
+def test_maximum_lifetime_is_per_issuer(
+    jwks_path: Path, keys: Keys, clock: Clock, lifetime: int, max_lifetime: timedelta, reason: Reason | None
+) -> None:
+    """exp - iat above the issuer's max_lifetime is token_lifetime_too_long, whatever exp says."""
+    verifier = TokenVerifier(
+        [TrustedIssuer(ISSUER, AUDIENCE, jwks_file=jwks_path, max_lifetime=max_lifetime)], clock=clock
+    )
+    iat = int(clock())
+    token = TokenFactory(keys.es256).make(iat=iat, exp=iat + lifetime)
+    if reason is None:
+        assert verify(verifier, token).expires_at == iat + lifetime
+    else:
+        assert refused(verifier, token).reason is reason
+
+
+@pytest.mark.parametrize(
+    "cnf",
+    [
+        pytest.param({}, id="empty"),
+        pytest.param({"jkt": "A" * 43}, id="jkt"),
+        pytest.param({"x5t": "A" * 27}, id="x5t-sha1"),
+        pytest.param({"jwk": {"kty": "oct"}}, id="jwk"),
+        pytest.param({"jku": "https://evil.test/jwks"}, id="jku"),
+        pytest.param({"x5t#S256": "A" * 43, "kid": "k"}, id="extra-member"),
+        pytest.param({"x5t#S256": "A" * 42}, id="short-thumbprint"),
+        pytest.param({"x5t#S256": "A" * 42 + "="}, id="padded-thumbprint"),
+        pytest.param({"x5t#S256": ["A" * 43]}, id="thumbprint-list"),
+    ],
+)
+def test_a_binding_that_cannot_be_verified_is_refused(
+    verifier: TokenVerifier, factory: TokenFactory, cnf: dict[str, Any]
+) -> None:
+    """RFC 7800 §3: a cnf other than one x5t#S256 thumbprint is token_binding_unverifiable, not a bearer token."""
+    assert refused(verifier, factory.make(cnf=cnf)).reason is Reason.TOKEN_BINDING_UNVERIFIABLE

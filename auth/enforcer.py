@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -21,7 +22,7 @@ from grpc import aio
 from aigis.auth.audit import AuditLog, rfc3339_now
 from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
 from aigis.auth.guard import Guard, Verdict
-from aigis.auth.policy import AuditCondition
+from aigis.auth.policy import ANY_MODEL, AuditCondition, CallModel, ModelRef
 
 log = logging.getLogger("aigis.enforcer")
 
@@ -35,6 +36,11 @@ ShadowObserver = Callable[[str, Decision, Decision], None]
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+# The allowed caller of the call being served (set by `enforce`, in the call's own task): lets a
+# servicer ask what else this caller may use (ListModels shows only those models).
+_CALLER: ContextVar[tuple[Verdict, Sequence[Any]] | None] = ContextVar("aigis_caller", default=None)
 
 
 class Enforcer:
@@ -53,27 +59,60 @@ class Enforcer:
         self._on_denial = on_denial
         self._on_shadow = on_shadow
 
-    async def enforce(self, method: str, context: aio.ServicerContext) -> Verdict:
-        """Return the verdict when the call may proceed; otherwise audit and abort it (raises)."""
+    async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None) -> Verdict:
+        """Return the verdict when the call may proceed; otherwise audit and abort it (raises).
+
+        `model` is the model the call names (None: it names none; ANY_MODEL: a stream whose
+        messages name it, each then judged by `enforce_model`)."""
         try:
-            verdict = await self._guard.check(method, context)
+            verdict = await self._guard.check(method, context, model)
         except Exception:
             # Fail closed: a bug or an unexpected input in a check is a denial, never a pass.
             request_id = new_request_id()
             log.exception("check failed for %s (request %s); denying", method, request_id)
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
-            await self._deny(method, context, verdict, request_id)
+            await self._deny(method, context, verdict, request_id, model)
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
+        return await self._settle(method, context, verdict, model)
+
+    async def enforce_model(self, method: str, context: aio.ServicerContext, verdict: Verdict,
+                            model: ModelRef) -> Verdict:
+        """One more message of an allowed stream, naming `model`: the policy again (identity and token
+        were checked at the open). Denied: audited, and the stream ends with the denial."""
+        try:
+            verdict = self._guard.authorize(method, verdict, context.invocation_metadata() or (), model)
+        except Exception:
+            request_id = new_request_id()
+            log.exception("check failed for %s (request %s); denying", method, request_id)
+            await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model)
+            raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
+        return await self._settle(method, context, verdict, model)
+
+    async def _settle(self, method: str, context: aio.ServicerContext, verdict: Verdict, model: CallModel) -> Verdict:
         # A dry-run record and the enforced record of the same call share one request id.
-        shared_id = self._dry_run(method, context, verdict) if verdict.shadow is not None else None
+        shared_id = self._dry_run(method, context, verdict, model) if verdict.shadow is not None else None
         if verdict.decision.allowed:
             if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
-                self._audit.record(audit_record(method, context, verdict, shared_id or new_request_id()))
+                self._audit.record(audit_record(method, context, verdict, shared_id or new_request_id(), model))
+            _CALLER.set((verdict, context.invocation_metadata() or ()))
             return verdict
-        await self._deny(method, context, verdict, shared_id or new_request_id())
+        await self._deny(method, context, verdict, shared_id or new_request_id(), model)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
-    def _dry_run(self, method: str, context: aio.ServicerContext, verdict: Verdict) -> str | None:
+    def may_use(self, method: str, model: ModelRef) -> bool:
+        """Whether the caller of the current call would be allowed `method` on `model` (no audit).
+        False outside an allowed call, and on any error."""
+        caller = _CALLER.get()
+        if caller is None:
+            return False
+        verdict, metadata = caller
+        try:
+            return self._guard.authorize(method, verdict, metadata, model).decision.allowed
+        except Exception:
+            log.exception("may_use check failed for %s; treating as not allowed", method)
+            return False
+
+    def _dry_run(self, method: str, context: aio.ServicerContext, verdict: Verdict, model: CallModel) -> str | None:
         """Count the shadow decision; audit it when it differs. Returns the request id it used."""
         assert verdict.shadow is not None
         if self._on_shadow is not None:
@@ -81,25 +120,29 @@ class Enforcer:
         if not verdict.shadow_differs or self._audit is None:
             return None
         request_id = new_request_id()
-        self._audit.record(dry_run_record(method, context, verdict, request_id))
+        self._audit.record(dry_run_record(method, context, verdict, request_id, model))
         return request_id
 
-    async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> None:
+    async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
+                    model: CallModel = None) -> None:
         code = verdict.decision.status
         if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
             # A denial the client sees is on disk first (auth.audit.Durability); if it cannot be
             # made durable, the client sees UNAVAILABLE instead, never an unrecorded denial.
-            if not await self._audit.record_durably(audit_record(method, context, verdict, request_id)):
+            record = audit_record(method, context, verdict, request_id, model)
+            if not await self._audit.record_durably(record):
                 code = grpc.StatusCode.UNAVAILABLE
         if self._on_denial is not None:
             self._on_denial(method, verdict.decision)
         await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
 
 
-def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> dict[str, Any]:
-    """An A59-named audit record. Never includes the token itself."""
+def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
+                 model: CallModel = None) -> dict[str, Any]:
+    """An A59-named audit record, plus `model`/`model_version` when the call names a model (a
+    stream's open, whose messages name it, has `model` "*"). Never includes the token itself."""
     decision, identity, token = verdict.decision, verdict.identity, verdict.token
-    return {
+    record: dict[str, Any] = {
         "timestamp": rfc3339_now(),
         "request_id": request_id,
         "rpc_method": method,
@@ -112,12 +155,19 @@ def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, re
         "policy_name": decision.policy_name,
         "matched_rule": decision.matched_rule,
     }
+    if isinstance(model, ModelRef):
+        record["model"], record["model_version"] = model.name, model.version
+    elif model is ANY_MODEL:
+        record["model"] = "*"
+    return record
 
 
-def dry_run_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str) -> dict[str, Any]:
+def dry_run_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
+                   model: CallModel = None) -> dict[str, Any]:
     """What the shadow policy would have decided, marked `dry_run`; `enforced_*` says what happened."""
     assert verdict.shadow is not None
-    record = audit_record(method, context, Verdict(verdict.shadow, verdict.identity, verdict.token), request_id)
+    record = audit_record(method, context, Verdict(verdict.shadow, verdict.identity, verdict.token), request_id,
+                          model)
     record["dry_run"] = True
     record["enforced_authorized"] = verdict.decision.allowed
     record["enforced_reason"] = verdict.decision.reason.value if verdict.decision.reason is not None else None

@@ -20,7 +20,7 @@ from typing import Any
 
 from aigis.auth.decision import Decision, Reason
 from aigis.auth.identity import IdentityCache, IdentityError, PeerIdentity, RevocationList
-from aigis.auth.policy import Policy
+from aigis.auth.policy import CallModel, Policy
 from aigis.auth.ratelimit import RateLimiter
 from aigis.auth.tokens import TokenError, TokenVerifier, VerifiedToken
 
@@ -80,7 +80,7 @@ class Guard:
         self._rate_limiter = rate_limiter
         self._require_binding = require_binding
         self._revocations = revocations or RevocationList()
-        self._decisions: dict[tuple[str, str, frozenset[str] | None], tuple[Decision, Decision | None]] = {}
+        self._decisions: dict[tuple[str, str, frozenset[str] | None, CallModel], tuple[Decision, Decision | None]] = {}
         self._policy = policy
         self._shadow = shadow_policy
 
@@ -110,7 +110,8 @@ class Guard:
     def revocations(self, revocations: RevocationList) -> None:
         self._revocations = revocations
 
-    async def check(self, method: str, context: Any) -> Verdict:
+    async def check(self, method: str, context: Any, model: CallModel = None) -> Verdict:
+        """The whole pipeline for one call; `model` is the model it names (None: it names none)."""
         try:
             identity = self.identities.from_auth_context(context.auth_context())
         except IdentityError as exc:
@@ -138,16 +139,28 @@ class Guard:
             if bound_to is None and self._require_binding:
                 return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
 
+        return self._decide(method, identity, metadata, token, model)
+
+    def authorize(self, method: str, verdict: Verdict, metadata: Sequence[Any], model: CallModel) -> Verdict:
+        """The policy alone, again, for a caller already authenticated (`verdict` allowed it): each
+        message of a stream that names a model. Identity and token are not re-checked."""
+        identity = verdict.identity
+        if identity is None:  # an allowed verdict always carries the identity
+            return Verdict(Decision.deny(Reason.CHECK_ERROR), None, verdict.token)
+        return self._decide(method, identity, metadata, verdict.token, model)
+
+    def _decide(self, method: str, identity: PeerIdentity, metadata: Sequence[Any], token: VerifiedToken | None,
+                model: CallModel) -> Verdict:
         policy, shadow = self._policy, self._shadow
         if policy.uses_headers or (shadow is not None and shadow.uses_headers):
-            decision = policy.evaluate(method, identity, metadata, token)
-            return Verdict(decision, identity, token, _dry_run(shadow, method, identity, metadata, token))
-        key = (identity.fingerprint, method, token.scopes if token is not None else None)
+            decision = policy.evaluate(method, identity, metadata, token, model)
+            return Verdict(decision, identity, token, _dry_run(shadow, method, identity, metadata, token, model))
+        key = (identity.fingerprint, method, token.scopes if token is not None else None, model)
         cached = self._decisions.get(key)
         if cached is None:
             cached = (
-                policy.evaluate(method, identity, metadata, token),
-                _dry_run(shadow, method, identity, metadata, token),
+                policy.evaluate(method, identity, metadata, token, model),
+                _dry_run(shadow, method, identity, metadata, token, model),
             )
             if len(self._decisions) >= _DECISION_CACHE_MAX:
                 self._decisions.clear()
@@ -161,12 +174,13 @@ def _dry_run(
     identity: PeerIdentity,
     metadata: Sequence[Any],
     token: VerifiedToken | None,
+    model: CallModel = None,
 ) -> Decision | None:
     """The shadow policy's decision, or None (no shadow policy, or it failed: never a denial)."""
     if shadow is None:
         return None
     try:
-        return shadow.evaluate(method, identity, metadata, token)
+        return shadow.evaluate(method, identity, metadata, token, model)
     except Exception:
         log.exception("shadow policy %s failed for %s; ignored (dry-run never decides)", shadow.name, method)
         return None

@@ -12,7 +12,8 @@ Format (gRFC A43 "gRPC authorization API", as translated by grpc-go ``authz/rbac
             "source": {"principals": ["..."]},       ORed; empty or absent: any caller
             "request": {"paths": ["/pkg.Service/Method", ...],           ORed
                         "headers": [{"key": "...", "values": ["..."]}]}, ANDed; values ORed
-            "scopes": ["calculator:compute", ...]}   aigis extension, allow rules only
+            "scopes": ["calculator:compute", ...],   aigis extension, allow rules only
+            "models": ["digits", "net/2", "team-*"]} aigis extension, allow and deny rules
 
 Patterns (principals, paths, header values): ``"*"`` matches any non-empty value, ``"abc*"`` a
 prefix, ``"*abc"`` a suffix, anything else exactly (so ``""`` matches only the empty value). No
@@ -34,6 +35,16 @@ with ``,``; binary (``-bin``) values are matched in unpadded base64 (A41).
 Extension: ``"scopes"`` on an allow rule means the call must carry a verified access token whose
 scopes include all of those listed; ``"scopes": []`` requires a valid token with any scopes. A rule
 without ``scopes`` is plain A43 (certificate only). Deny rules cannot carry scopes.
+
+Extension: ``"models"`` on any rule means the rule matches a call only when the call names a model
+and that model matches one of the patterns: ``"name"`` (any version), ``"name/version"``, ``"*"``
+(any model) or a ``"prefix*"`` (on the name, or on ``name/version`` when the pattern has a ``/``).
+Which model a call names is the server's business (ModelInfer's ``model_name``/``model_version``,
+ClassifyImage's ``model``, ...), resolved before matching: an empty name is the default model, an
+empty version the newest. A call that names no model never matches a rule with ``models``, so
+paths-only rules keep their meaning. For a stream that names a model per message, the open is
+judged with the model unknown (`ANY_MODEL`: allow rules as if their models matched, deny rules
+with models skipped) and every message again with its model.
 
 Audit: A59 defaults ``audit_condition`` to NONE. aigis promises an audit record for every denied
 request, so an omitted condition here means ON_DENY: forgetting the option must not silently turn
@@ -98,6 +109,9 @@ _UNSUPPORTED_HEADERS = frozenset(
 _AIGIS_RESERVED_HEADERS = frozenset({"authorization"})
 _HEADER_NAME = re.compile(r"[0-9a-z!#$%&'*+\-.^_`|~]+")  # RFC 9110 §5.1 token, lowercased
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token
+# name, name/version, "*", or either with a trailing "*" (prefix). No leading "*": a suffix match on
+# model names has no use and would only make a rule harder to read.
+_MODEL_PATTERN = re.compile(r"\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[\x21-\x7e]{0,64})?\*?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +151,53 @@ class StringMatcher:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelRef:
+    """The model a call names, resolved by the server: name, and version ("" when it has none)."""
+
+    name: str
+    version: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+class AnyModel:
+    """The model of a stream whose messages are yet to come: judged again per message."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ANY_MODEL"
+
+
+# A sentinel compared by identity, so no client-chosen model name can ever stand for it.
+ANY_MODEL = AnyModel()
+CallModel = ModelRef | AnyModel | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMatcher:
+    """A rule's `models`: patterns without "/" match the name, patterns with "/" match name/version."""
+
+    names: StringMatcher | None
+    qualified: StringMatcher | None
+
+    @staticmethod
+    def compile(patterns: Iterable[str]) -> ModelMatcher:
+        patterns = list(patterns)
+        names = [p for p in patterns if "/" not in p]
+        qualified = [p for p in patterns if "/" in p]
+        return ModelMatcher(StringMatcher.compile(names) if names else None,
+                            StringMatcher.compile(qualified) if qualified else None)
+
+    def __call__(self, model: ModelRef) -> bool:
+        return (self.names is not None and self.names(model.name)) or (
+            self.qualified is not None and self.qualified(model.qualified)
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled rule. A None matcher means "not constrained" (A43: absent or empty list)."""
 
@@ -145,10 +206,19 @@ class Rule:
     paths: StringMatcher | None
     headers: tuple[tuple[str, StringMatcher], ...]
     scopes: frozenset[str] | None  # None: no token needed; a set (maybe empty): token with these scopes
+    models: ModelMatcher | None = None  # None: any call; else only calls naming a matching model
 
-    def matches_request(self, method: str, peer: PeerIdentity | None, headers: Mapping[str, str] | None) -> bool:
-        """Principal, path and headers match (scopes are judged by the caller)."""
+    def matches_request(self, method: str, peer: PeerIdentity | None, headers: Mapping[str, str] | None,
+                        model: CallModel = None) -> bool:
+        """Principal, path, headers and model match (scopes are judged by the caller).
+
+        With `model` ANY_MODEL a rule's models are taken as matching; the caller skips deny rules
+        with models then (a stream's open: its messages are judged one by one)."""
         if self.paths is not None and not self.paths(method):
+            return False
+        if self.models is not None and not (
+            model is ANY_MODEL or (isinstance(model, ModelRef) and self.models(model))
+        ):
             return False
         if self.principals is not None and not _principal_matches(self.principals, peer):
             return False
@@ -223,6 +293,7 @@ class Policy:
         peer: PeerIdentity | None,
         metadata: Iterable[Any] | None,
         token: VerifiedToken | None,
+        model: CallModel = None,
     ) -> Decision:
         """Decide one RPC: deny rules first, then allow rules, else deny (A43).
 
@@ -234,11 +305,13 @@ class Policy:
         """
         headers = header_view(metadata) if self.uses_headers else None
         for rule in self.deny_rules:
-            if rule.matches_request(method, peer, headers):
+            if model is ANY_MODEL and rule.models is not None:
+                continue  # judged per message, with the model the message names
+            if rule.matches_request(method, peer, headers, model):
                 return Decision.deny(Reason.POLICY_DENIED, self.name, rule.name)
         near_miss: Rule | None = None
         for rule in self.allow_rules:
-            if not rule.matches_request(method, peer, headers):
+            if not rule.matches_request(method, peer, headers, model):
                 continue
             if rule.scopes is None or (token is not None and rule.scopes <= token.scopes):
                 return Decision.allow(self.name, rule.name)
@@ -302,7 +375,7 @@ def _strings(value: Any, path: str, *, non_empty_list: bool = False) -> list[str
 
 
 _TOP_FIELDS = frozenset({"name", "deny_rules", "allow_rules", "audit_logging_options"})
-_RULE_FIELDS = frozenset({"name", "source", "request", "scopes"})
+_RULE_FIELDS = frozenset({"name", "source", "request", "scopes", "models"})
 _SOURCE_FIELDS = frozenset({"principals"})
 _REQUEST_FIELDS = frozenset({"paths", "headers"})
 _HEADER_FIELDS = frozenset({"key", "values"})
@@ -367,7 +440,16 @@ def _rule(value: Any, path: str, *, allow_scopes: bool) -> Rule:
             if not _SCOPE_TOKEN.fullmatch(scope):
                 raise _Invalid(f"{path}.scopes[{i}]", f"{scope!r} is not an RFC 6749 scope token")
         scopes = frozenset(listed)
-    return Rule(name, principals, paths, headers, scopes)
+
+    models: ModelMatcher | None = None
+    if "models" in rule:
+        listed = _strings(rule["models"], f"{path}.models", non_empty_list=True)
+        for i, pattern in enumerate(listed):
+            if not _MODEL_PATTERN.fullmatch(pattern):
+                raise _Invalid(f"{path}.models[{i}]", f"{pattern!r} is not a model pattern (name, name/version, "
+                                                      "'*' or a prefix ending in '*')")
+        models = ModelMatcher.compile(listed)
+    return Rule(name, principals, paths, headers, scopes, models)
 
 
 def _headers(value: Any, path: str) -> tuple[tuple[str, StringMatcher], ...]:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from grpc import aio
@@ -32,7 +33,7 @@ from aigis.auth.guard import Guard, RevokedClients
 from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList, SharedRevocations
 from aigis.auth.issuer import IssuerConfig, IssuerEvents, IssuerServer
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
-from aigis.auth.policy import Policy
+from aigis.auth.policy import ModelRef, Policy
 from aigis.auth.ratelimit import RateLimit, RateLimiter
 from aigis.auth.tls import TlsCredentialStore, TlsError
 from aigis.auth.tokens import TokenVerifier, TrustedIssuer
@@ -45,7 +46,7 @@ from aigis.server.config import Config
 from aigis.server.inference import InferenceServicer
 from aigis.server.metrics import Metrics
 from aigis.server.repository import ModelRepository
-from aigis.server.secured import SecuredRegistrar, SecurityInterceptor
+from aigis.server.secured import ModelOf, SecuredRegistrar, SecurityInterceptor
 
 log = logging.getLogger("aigis.server")
 
@@ -55,6 +56,34 @@ SERVICE_NAMES = (
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 RELOAD_INTERVAL_SECONDS = 2.0
+
+
+CLASSIFY_IMAGE = "/aigis.classifier.v1.ImageClassificationService/ClassifyImage"
+
+
+def model_readers(repository: ModelRepository, default_classifier: str) -> dict[str, ModelOf]:
+    """Which model each model-naming method's request names, for per-model policy rules. Resolved
+    the way the servicers resolve it (empty name: default model; empty version: newest)."""
+    classify = "/aigis.classifier.v1.ImageClassificationService/"
+    infer = "/inference.GRPCInferenceService/"
+
+    def image_model(request: Any) -> ModelRef:
+        return repository.resolve(request.model or default_classifier)
+
+    def infer_model(request: Any) -> ModelRef:
+        return repository.resolve(request.model_name, request.model_version)
+
+    def named_model(request: Any) -> ModelRef:
+        return repository.resolve(request.name, request.version)
+
+    return {
+        f"{classify}ClassifyImage": image_model,
+        f"{classify}ClassifyStream": image_model,
+        f"{infer}ModelInfer": infer_model,
+        f"{infer}ModelStreamInfer": infer_model,
+        f"{infer}ModelMetadata": named_model,
+        f"{infer}ModelReady": named_model,
+    }
 
 
 class StartupError(RuntimeError):
@@ -218,6 +247,7 @@ class AigisServer:
     methods: tuple[str, ...] = ()  # every method registered, all behind the security layer
     classifier: ImageClassificationServicer | None = None
     inference: InferenceServicer | None = None
+    repository: ModelRepository | None = None
     _reload_task: asyncio.Task[None] | None = None
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
 
@@ -350,11 +380,15 @@ async def start_server(config: Config) -> AigisServer:
     server = aio.server(options=grpc_options(config))
     # Every service registers through the registrar, which wraps each handler with the checks.
     enforcer = Enforcer(guard, audit, on_denial=metrics.denial_observer, on_shadow=metrics.shadow_observer)
-    security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics)
+    classifiers = repository.classifiers()
+    security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics,
+                                   models=model_readers(repository, classifiers.default_name))
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)
-    classifier = ImageClassificationServicer(repository.classifiers(), executor)
+    classifier = ImageClassificationServicer(classifiers, executor)
+    # ListModels shows only the models this caller may classify with.
+    classifier.may_use = functools.partial(enforcer.may_use, CLASSIFY_IMAGE)
     for model_name, batcher in classifier.batchers.items():
         batcher.on_batch = metrics.batch_size.labels(model_name).observe
     classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(classifier, registrar)
@@ -437,6 +471,7 @@ async def start_server(config: Config) -> AigisServer:
     running.methods = tuple(registrar.methods)
     running.classifier = classifier
     running.inference = inference
+    running.repository = repository
     running.tls = tls
     running._reload_task = asyncio.create_task(running._reload_loop())
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")

@@ -10,12 +10,13 @@ raises `server.errors` exceptions; the interceptor turns them into statuses.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
 import numpy as np
 from grpc import aio
 
+from aigis.auth.policy import ModelRef
 from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from aigis.server import images
 from aigis.server.batching import DynamicBatcher
@@ -44,6 +45,8 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
         self._registry = registry
         self._executor = executor
         self._limits = limits
+        # Whether the current caller may use a model (set by the server from its policy); None: all.
+        self.may_use: Callable[[ModelRef], bool] | None = None
         self.batchers: dict[str, DynamicBatcher] = {
             m.name: DynamicBatcher.for_model(m, executor, max_in_flight=max_batches_in_flight)
             for m in registry.models if m.config.batching.enabled
@@ -97,8 +100,11 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
     async def ListModels(
         self, request: classifier_pb2.ListModelsRequest, context: aio.ServicerContext
     ) -> classifier_pb2.ListModelsReply:
+        # Only what this caller may classify with: a model it cannot use is not even named.
+        may_use = self.may_use
         return classifier_pb2.ListModelsReply(
-            models=[_model_info(m, m.name == self._registry.default_name) for m in self._registry.models]
+            models=[_model_info(m, m.name == self._registry.default_name) for m in self._registry.models
+                    if may_use is None or may_use(ModelRef(m.name, m.config.version))]
         )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from aigis.auth.policy import ModelRef
 from aigis.inference.tensors import DATATYPES, ONNX_DATATYPES, TensorSpec
 from aigis.server.errors import InvalidArgument, NotFound
 from aigis.server.model import (
@@ -47,14 +48,6 @@ _NO_BATCHING = BatchingConfig()
 # A model whose trial run (median of 5) takes at most this long runs small requests on the event
 # loop: a thread hop costs more (~50-100 µs round trip) than the model (digits: ~7 µs).
 INLINE_MAX_SECONDS = 50e-6
-
-
-@dataclass(frozen=True, slots=True)
-class ModelRef:
-    """The model a request names, resolved: "" picks the default model, "" version the newest."""
-
-    name: str
-    version: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +233,10 @@ def _utf8(name: str, array: np.ndarray) -> np.ndarray:
         raise InvalidArgument(f"input {name!r}: the model takes text; BYTES elements must be UTF-8") from None
 
 
+def _bounded(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[:limit] + "\u2026"
+
+
 def _version_key(version: str) -> tuple[int, int, str]:
     """Numeric versions order by value and above non-numeric ones."""
     return (1, int(version), "") if version.isdigit() else (0, 0, version)
@@ -367,7 +364,9 @@ class ModelRepository:
     def resolve(self, name: str, version: str = "") -> ModelRef:
         """What a request names, as authorization sees it: never raises, never says whether it exists
         (an unknown model keeps its name and the version asked for)."""
-        name = name or self.default_name
+        # Names are the caller's input and land in the audit log: bounded (no real name is longer).
+        name = _bounded(name or self.default_name)
+        version = _bounded(version)
         if not version:
             versions = self._versions.get(name)
             if versions:

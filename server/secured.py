@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from time import perf_counter
 from typing import Any
 
@@ -25,12 +26,21 @@ import grpc
 from grpc import aio
 
 from aigis.auth.enforcer import REQUEST_ID_KEY, Enforcer, new_request_id
+from aigis.auth.guard import Verdict
+from aigis.auth.policy import ANY_MODEL, CallModel, ModelRef
 from aigis.server.errors import ResourceExhausted, ServiceError
 from aigis.server.metrics import Metrics
 
 log = logging.getLogger("aigis.secured")
 
 _INTERNAL_MESSAGE = "internal error"
+
+# The verdict of the call's open, handed to its per-message checks (same task, set just before).
+_OPEN_VERDICT: ContextVar[Verdict] = ContextVar("aigis_open_verdict")
+
+#: The model a request message names, resolved (empty name: the default model; empty version: the
+#: newest). Must not raise: it only reads fields and looks names up.
+ModelOf = Callable[[Any], ModelRef]
 
 
 class SecuredRegistrar:
@@ -78,8 +88,12 @@ class SecurityInterceptor(aio.ServerInterceptor):
         *,
         max_stream_messages: int = 10_000,
         metrics: Metrics | None = None,
+        models: Mapping[str, ModelOf] | None = None,
     ) -> None:
+        """`models` maps the methods whose requests name a model to how to read it: the policy then
+        sees the model (rules with "models"), per message for request streams."""
         self._enforcer = enforcer
+        self._models = dict(models or {})
         self._metrics = metrics
         self._max_stream_messages = max_stream_messages
         # The generic handler returns the same RpcMethodHandler for a method every time, so the
@@ -113,14 +127,23 @@ class SecurityInterceptor(aio.ServerInterceptor):
         enforce = self._enforce
         fail = self._fail
         metrics = self._metrics
+        model_of = self._models.get(method)
         if request_streaming:
             behavior = _cap_request_stream(behavior, self._max_stream_messages)
+            if model_of is not None:
+                behavior = self._check_each_message(method, behavior, model_of)
+
+        def call_model(request: Any) -> CallModel:
+            """What the open of this call names: a unary request's model, or (streams) any model."""
+            if model_of is None:
+                return None
+            return ANY_MODEL if request_streaming else model_of(request)
 
         if inspect.isasyncgenfunction(behavior):
 
             async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                await enforce(method, context, started)
+                await enforce(method, context, started, call_model(request))
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -145,7 +168,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(request: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            await enforce(method, context, started)
+            await enforce(method, context, started, call_model(request))
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
@@ -157,10 +180,37 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         return checked
 
-    async def _enforce(self, method: str, context: aio.ServicerContext, started: float) -> None:
+    def _check_each_message(self, method: str, behavior: Callable[..., Any], model_of: ModelOf) -> Callable[..., Any]:
+        """A request stream naming a model per message: each message is authorized with its model
+        before the servicer sees it; a denial ends the stream there (audited, like any denial)."""
+        enforcer = self._enforcer
+
+        async def checked_messages(request_iterator: AsyncIterator[Any], context: aio.ServicerContext,
+                                   verdict: Verdict) -> AsyncIterator[Any]:
+            async for message in request_iterator:
+                await enforcer.enforce_model(method, context, verdict, model_of(message))
+                yield message
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream_checked(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                verdict = _OPEN_VERDICT.get()
+                async for response in behavior(checked_messages(request_iterator, context, verdict), context):
+                    yield response
+
+            return stream_checked
+
+        async def unary_checked(request_iterator: Any, context: aio.ServicerContext) -> Any:
+            verdict = _OPEN_VERDICT.get()
+            return await behavior(checked_messages(request_iterator, context, verdict), context)
+
+        return unary_checked
+
+    async def _enforce(self, method: str, context: aio.ServicerContext, started: float,
+                       model: CallModel = None) -> None:
         """Enforce; a denied call's duration and code are counted before its abort propagates."""
         try:
-            await self._enforcer.enforce(method, context)
+            _OPEN_VERDICT.set(await self._enforcer.enforce(method, context, model))
         except aio.AbortError:
             if self._metrics is not None:
                 code = context.code()

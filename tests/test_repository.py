@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from onnx_models import write_affine
 
+from aigis.auth.policy import ModelRef
 from aigis.server.config import BUNDLED_MODELS
 from aigis.server.errors import NotFound
 from aigis.server.model import ModelConfigError
-from aigis.server.repository import ModelRef, ModelRepository
+from aigis.server.repository import ModelRepository
 
 
 def test_plain_triton_and_classifier_layouts_load_together(tmp_path: Path) -> None:

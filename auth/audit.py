@@ -297,6 +297,11 @@ class AuditLog:
         return self._written
 
     @property
+    def running(self) -> bool:
+        """The writer thread is alive and accepting records (readiness)."""
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    @property
     def pending(self) -> int:
         """Records handed over but not yet on disk (the metrics' audit queue depth)."""
         return self._pending

@@ -414,6 +414,17 @@ class TokenVerifier:
         if changed:
             self.clear_cache()
 
+    async def keys_unavailable(self) -> list[str]:
+        """Issuers whose keys are not loaded, after one fetch attempt (cooldown-bounded) for each
+        remote key set never fetched yet; empty when every issuer can verify (readiness)."""
+        missing = []
+        for issuer, keys, _ in self._issuers.values():
+            if isinstance(keys, RemoteKeys) and keys.key_set is None:
+                await keys.refresh()
+                if keys.key_set is None:
+                    missing.append(issuer.issuer)
+        return missing
+
     async def verify(self, token: str) -> VerifiedToken:
         """The verified claims of `token`, or TokenError. Cache hit: one dict lookup and a clock read."""
         try:  # zero-cost in 3.11; keeps even a bad argument or clock failure closed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -76,10 +77,38 @@ def channel_credentials(
     )
 
 
+# Every aigis RPC is idempotent (a pure calculation or a read), so each may be sent again when it
+# failed UNAVAILABLE before any reply arrived: a replica that died, drained or refused the
+# connection. gRPC retries on another address of the target (round_robin), within the call's deadline.
+RETRIED_SERVICES = ("aigis.calculator.v1.Calculator", "aigis.classifier.v1.ImageClassificationService",
+                    "grpc.health.v1.Health")
+SERVICE_CONFIG = {
+    # Spread calls over every address the target resolves to (dns:///headless-service:50051 gives
+    # one per pod; ipv4:a:p,b:p lists them); the default, pick_first, would use one address only.
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": name} for name in RETRIED_SERVICES],
+            "retryPolicy": {
+                "maxAttempts": 5,  # gRPC's cap
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
 def channel_options(server_name: str | None, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
+        # Ours only: a service config published in DNS TXT records is not taken from the network.
+        ("grpc.service_config_disable_resolution", 1),
     ]
     if server_name is not None:
         # Only when asked: overriding the checked host name is for tests and IP-address targets.

@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
 from aigis.server.inference import InferenceServicer
 from aigis.server.metrics import Metrics
+from aigis.server.probes import ProbeServer
 from aigis.server.repository import ModelRepository
 from aigis.server.secured import ModelOf, SecuredRegistrar, SecurityInterceptor
 
@@ -250,6 +251,11 @@ class AigisServer:
     repository: ModelRepository | None = None
     _reload_task: asyncio.Task[None] | None = None
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
+    models: ModelRepository | None = None
+    guard: Guard | None = None  # the checks' current policy, CRL and token verifier (readiness)
+    probes: ProbeServer | None = None
+    probes_port: int | None = None
+    draining: bool = False  # SIGTERM seen: /readyz fails, calls are still served
 
     @property
     def target(self) -> str:
@@ -266,9 +272,38 @@ class AigisServer:
         for watcher in self.watchers:
             await watcher.poll()
 
+    async def readiness(self) -> dict[str, str | None]:
+        """Each readiness check: None when it passes, else what fails (short, nothing secret)."""
+        checks: dict[str, str | None] = {"draining": "shutting down" if self.draining else None}
+        checks["models"] = None if self.models is not None and self.models.names() else "no model loaded"
+        now = datetime.now(UTC)
+        if self.tls is None:
+            checks["certificates"] = "not loaded"
+        elif now >= self.tls.current.not_after:
+            checks["certificates"] = "server certificate expired"
+        else:
+            checks["certificates"] = None
+        guard = self.guard
+        checks["policy"] = None if guard is not None and guard.policy is not None else "not loaded"
+        checks["crl"] = None if guard is not None and guard.revocations is not None else "not loaded"
+        missing = await guard.verifier.keys_unavailable() if guard is not None else ["all"]
+        checks["token_keys"] = f"no keys for {', '.join(missing)}" if missing else None
+        checks["audit"] = None if self.audit.running else "audit writer stopped"
+        return checks
+
+    async def drain(self) -> None:
+        """Start draining: readiness and gRPC health say NOT_SERVING; calls are still served."""
+        if self.draining:
+            return
+        self.draining = True
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining: not ready, still serving for %.1fs", self.config.drain_seconds)
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: refuse new calls, let running ones finish within `grace`, then drain audit."""
         grace = self.config.grace_seconds if grace is None else grace
+        self.draining = True
         await self.health.enter_graceful_shutdown()
         if self._reload_task is not None:
             self._reload_task.cancel()
@@ -284,6 +319,8 @@ class AigisServer:
         await asyncio.to_thread(self.audit.close)
         self.executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.metrics.stop)
+        if self.probes is not None:  # last: /livez answers while the process still shuts down
+            await self.probes.stop()
 
 
 async def start_server(config: Config) -> AigisServer:
@@ -473,7 +510,17 @@ async def start_server(config: Config) -> AigisServer:
     running.inference = inference
     running.repository = repository
     running.tls = tls
+    running.guard = guard
+    running.models = repository
     running._reload_task = asyncio.create_task(running._reload_loop())
+    if config.probes_listen is not None:
+        running.probes = ProbeServer(config.probes_listen, running.readiness)
+        try:
+            running.probes_port = await running.probes.start()
+        except OSError as exc:
+            running.probes = None
+            await running.stop(0)
+            raise StartupError(f"cannot serve probes on {config.probes_listen}: {exc.strerror}") from None
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")
     if issuer is not None:
         log.info("token issuer at %s", issuer.url)
@@ -481,16 +528,26 @@ async def start_server(config: Config) -> AigisServer:
 
 
 async def serve(config: Config, *, ready: Callable[[AigisServer], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down without losing a call.
+
+    First drain: readiness fails (the endpoints controller takes the pod out of its Services,
+    clients re-resolve) while calls are still served for `drain_seconds`; a second signal ends the
+    drain early. Then stop: new calls are refused, running ones get `grace_seconds`, then exit.
+    """
     running = await start_server(config)
     if ready is not None:
         ready(running)
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled.set)
     try:
-        await stop.wait()
+        await signalled.wait()
+        signalled.clear()
+        if config.drain_seconds > 0:
+            await running.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signalled.wait(), config.drain_seconds)
     finally:
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
         await running.stop()

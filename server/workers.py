@@ -38,6 +38,9 @@ def worker_config(config: Config, worker_id: int, port: int, issuer_url: str | N
     metrics = config.metrics_listen
     if metrics is not None and metrics.port != 0:
         metrics = HostPort(metrics.host, metrics.port + worker_id)  # one scrape target per worker
+    probes = config.probes_listen
+    if probes is not None and probes.port != 0:
+        probes = HostPort(probes.host, probes.port + worker_id)
     issuer = config.issuer
     if worker_id > 0:
         issuer = replace(issuer, enabled=False, url=issuer.url or issuer_url or "")
@@ -46,6 +49,7 @@ def worker_config(config: Config, worker_id: int, port: int, issuer_url: str | N
         listen=HostPort(config.listen.host, port),
         issuer=issuer,
         metrics_listen=metrics,
+        probes_listen=probes,
         worker_id=worker_id,
     )
 

@@ -98,12 +98,12 @@ def policy_with_deny_rule(directory: Path) -> Path:
 
 def stack_config(pki: PkiPaths, audit_log: Path, **changes: Any) -> Config:
     changes.setdefault("policy", policy_with_deny_rule(audit_log.parent))
+    changes.setdefault("issuer", IssuerSettings(listen=HostPort("127.0.0.1", 0)))
     return replace(
         Config(),
         listen=HostPort("127.0.0.1", 0),
         certs=pki.root,
         audit_log=audit_log,
-        issuer=IssuerSettings(listen=HostPort("127.0.0.1", 0)),
         metrics_listen=HostPort("127.0.0.1", 0),
         grace_seconds=1.0,
         **changes,

@@ -44,7 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         port = running.port  # type: ignore[attr-defined]
         issuer = running.issuer  # type: ignore[attr-defined]
         info = {"target": f"localhost:{port}", "port": port, "issuer_url": issuer.url if issuer else None,
-                "metrics_port": running.metrics_port}  # type: ignore[attr-defined]
+                "metrics_port": running.metrics_port, "probes_port": running.probes_port}  # type: ignore[attr-defined]
         issuer_note = f", token issuer {issuer.url}" if issuer else ""
         if config.log_format == "text":  # with JSON logs, stdout carries nothing but JSON lines
             print(f"aigis: serving on {config.listen.host}:{port}{issuer_note}", flush=True)

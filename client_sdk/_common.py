@@ -86,6 +86,10 @@ SERVICE_CONFIG = {
     # Spread calls over every address the target resolves to (dns:///headless-service:50051 gives
     # one per pod; ipv4:a:p,b:p lists them); the default, pick_first, would use one address only.
     "loadBalancingConfig": [{"round_robin": {}}],
+    # Client-side health checking: each address is watched through grpc.health.v1 Watch, and one that
+    # reports NOT_SERVING (a replica draining after SIGTERM) gets no new calls while its running
+    # calls finish. Health needs no token (any verified mTLS peer), so the watch works before login.
+    "healthCheckConfig": {"serviceName": ""},
     "methodConfig": [
         {
             "name": [{"service": name} for name in RETRIED_SERVICES],

@@ -275,7 +275,7 @@ class AigisServer:
     async def readiness(self) -> dict[str, str | None]:
         """Each readiness check: None when it passes, else what fails (short, nothing secret)."""
         checks: dict[str, str | None] = {"draining": "shutting down" if self.draining else None}
-        checks["models"] = None if self.models is not None and self.models.names() else "no model loaded"
+        checks["models"] = None if self.models is not None and self.models.names else "no model loaded"
         now = datetime.now(UTC)
         if self.tls is None:
             checks["certificates"] = "not loaded"

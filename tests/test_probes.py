@@ -103,14 +103,22 @@ def _replica(tmp_path: Path, name: str, pki_root: Path) -> AigisProcess:
             '[server]\nlisten = "127.0.0.1:0"\ndrain_seconds = 3\ngrace_seconds = 2\n'
             f'certs = "{pki_root}"\n'
             '[issuer]\nlisten = "127.0.0.1:0"\nurl = "https://aigis-issuer.test"\n'
-            '[probes]\nlisten = "127.0.0.1:0"\n[metrics]\nenabled = false\n'
+            '[probes]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = "127.0.0.1:0"\n'
         )
     return AigisProcess("serve", tmp_path / name, config=config)
 
 
+def _adds_served(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    prefix = 'aigis_requests_total{code="OK",method="/aigis.calculator.v1.Calculator/Add"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_rolling_update_loses_no_call(tmp_path: Path) -> None:
     """Two replicas behind one round-robin SDK client under steady load; the old one gets SIGTERM:
-    it turns unready, keeps answering for drain_seconds, then stops; not one call fails."""
+    it turns unready (and NOT_SERVING, so the client sends it nothing new), keeps answering calls for
+    drain_seconds, then stops; not one call fails."""
     pki, _ = make_pki(tmp_path / "certs", datetime.now(UTC))
     old, new = _replica(tmp_path, "old", pki.root), _replica(tmp_path, "new", pki.root)
     try:
@@ -139,12 +147,18 @@ def test_rolling_update_loses_no_call(tmp_path: Path) -> None:
         while get(old_info["probes_port"], "/readyz")[0] != 503 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert get(old_info["probes_port"], "/readyz")[0] == 503
+        # The SDK watches grpc.health.v1 on each address: the draining replica gets no new calls.
+        time.sleep(0.5)
+        served_before = _adds_served(old_info["metrics_port"])
+        time.sleep(1.0)
+        assert _adds_served(old_info["metrics_port"]) == served_before
         # Still draining: the old replica answers calls made to it directly.
         ca, cert, key = (p.read_bytes() for p in (pki.ca_cert, pki.client_cert("demo"), pki.client_key("demo")))
         credentials = grpc.ssl_channel_credentials(ca, key, cert)
         with grpc.secure_channel(f"localhost:{old_info['port']}", credentials) as direct:
             outcome = run(lambda: RPC_KINDS["unary"](direct, bearer(tokens.token())))
         assert outcome.value == 5 and time.monotonic() - signalled < 3
+        assert _adds_served(old_info["metrics_port"]) == served_before + 1
         assert old.wait(20) == 0
         exited = time.monotonic()
         assert exited - signalled >= 3  # the drain delay was kept

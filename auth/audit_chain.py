@@ -192,6 +192,8 @@ class Finding(StrEnum):
     MALFORMED = "malformed"  # not a whole chained record (and not a torn last line)
     WRONG_KEY = "wrong_key"  # no record verifies: wrong key, or keyed vs unkeyed mix-up
     INCOMPLETE_LAST_RECORD = "incomplete_last_record"  # torn final line from a crash: warning
+    TRUNCATED = "truncated"  # ends before the seq the server reported (only with an outside anchor)
+    ANCHOR_MISMATCH = "anchor_mismatch"  # the record at the reported seq has another chain value
 
 
 @dataclass(frozen=True)
@@ -371,3 +373,38 @@ def _seen_ahead(stream: _Stream, after: int, before: int) -> bool:
         if is_chained(entry.record) and after < entry.record["seq"] < before:
             return True
     return False
+
+
+# ---- an outside reference -------------------------------------------------------------------------
+
+
+def check_anchor(base: Path, writer: str, seq: int, chain: str | None = None) -> Problem | None:
+    """Hold one writer's chain against what the server reported elsewhere (its log or metrics).
+
+    A chain cannot show that whole records were cut off its end; a (seq, chain) the server
+    published before can: the log must reach `seq`, and the record there must carry `chain`.
+    """
+    found = [w for w in log_layout(base) if w.writer == writer]
+    active = writer_path(base, writer or None)
+    if not found:
+        return Problem(Finding.TRUNCATED, active, 0, None, f"no file of this writer; the server reported seq {seq}")
+    last: tuple[Path, int, dict[str, Any]] | None = None
+    for path in found[0].files:
+        for entry in _entries(path):
+            if not is_chained(entry.record):
+                continue
+            last = (entry.file, entry.line, entry.record)
+            if entry.record["seq"] == seq:
+                if chain is not None and not hmac.compare_digest(str(entry.record["chain"]), chain):
+                    return Problem(Finding.ANCHOR_MISMATCH, entry.file, entry.line, seq,
+                                   "the server reported another chain value for this record (rewritten)")
+                return None
+    if last is None:
+        return Problem(Finding.TRUNCATED, active, 0, None, f"no records; the server reported seq {seq}")
+    file, line, record = last
+    end = record["seq"]
+    if end < seq:
+        missing = f"record {seq} is" if end + 1 == seq else f"records {end + 1}..{seq} are"
+        return Problem(Finding.TRUNCATED, file, line, end,
+                       f"the log ends here, but the server reported seq {seq}: {missing} cut off the end")
+    return Problem(Finding.TRUNCATED, file, line, end, f"seq {seq} is not in the log")

@@ -710,3 +710,37 @@ def test_cli_keygen_writes_a_private_key_once(tmp_path: Path, capsys: pytest.Cap
 def test_canonical_json_is_sorted_compact_ascii() -> None:
     """Canonical JSON: sorted keys, no spaces, non-ASCII escaped — one text per record."""
     assert canonical_json({"b": 1, "a": "é", "c": [True, None]}) == '{"a":"\\u00e9","b":1,"c":[true,null]}'
+
+
+def test_verify_with_the_servers_anchor_catches_records_cut_off_the_end(
+    log_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cutting whole records off the end leaves a valid chain; the (seq, chain) the server reported does not."""
+    audit = write(log_path, [denial(i) for i in range(10)])
+    seq, chain = audit.anchor
+    assert seq == 10
+    args = ["audit", "verify", "--audit-log", str(log_path)]
+    assert main([*args, "--expect-seq", str(seq), "--expect-chain", chain]) == 0
+    assert "OK: the log reaches seq 10 with the reported chain value" in capsys.readouterr().out
+    log_path.write_bytes(b"".join(lines(log_path)[:7]))
+    assert main(args) == 0  # the chain alone cannot tell
+    capsys.readouterr()
+    assert main([*args, "--expect-seq", str(seq)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {log_path} line 7 seq 7: truncated:" in out and "records 8..10 are cut off the end" in out
+    assert main([*args, "--expect-seq", "7", "--expect-chain", chain]) == 1
+    assert "anchor_mismatch" in capsys.readouterr().out
+    assert main([*args, "--expect-chain", chain]) == 1
+    assert "--expect-chain needs --expect-seq" in capsys.readouterr().out
+
+
+def test_verify_anchor_names_the_worker_chain(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With several writers the anchor is about one of them, named with --writer."""
+    for worker in (0, 1):
+        write(log_path, [denial(i) for i in range(3 + worker)], worker_id=worker)
+    args = ["audit", "verify", "--audit-log", str(log_path), "--expect-seq", "4"]
+    assert main(args) == 1
+    assert "name the chain with --writer (one of 0, 1)" in capsys.readouterr().out
+    assert main([*args, "--writer", "1"]) == 0
+    assert main([*args, "--writer", "0"]) == 1
+    assert "record 4 is cut off the end" in capsys.readouterr().out

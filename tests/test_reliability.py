@@ -117,6 +117,8 @@ def test_disk_full_every_loss_is_chained_counted_and_logged_briefly(tmp_path: Pa
         assert sum(r["causes"].get("write_error", 0) for r in overflow) == unavailable
         logged = {r.get("request_id") for r in read_records(audit_log)}
         assert seen.denial_ids <= logged
+        # The outside reference for `aigis audit verify --expect-seq`: the newest seq on disk.
+        assert metric(port, "aigis_audit_last_seq", 'file="audit.jsonl"') == read_records(audit_log)[-1]["seq"]
         # Full again, and stopped while full: the losses go to the carry-over file.
         size = audit_log.stat().st_size
         resource.prlimit(served.proc.pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))

@@ -21,6 +21,7 @@ from aigis.auth.audit import OVERFLOW_EVENT
 from aigis.auth.audit_chain import (
     AuditError,
     VerifyReport,
+    check_anchor,
     load_hmac_key,
     log_layout,
     read_writer_records,
@@ -165,6 +166,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     verify.add_argument("--audit-log", type=Path, default=DEFAULT_AUDIT_LOG, help="audit log path")
     verify.add_argument("--hmac-key-file", type=Path, help="the key the server chains with ([audit] hmac_key_file)")
+    verify.add_argument("--expect-seq", type=int, metavar="SEQ",
+                        help="the newest seq the server reported (its aigis_audit_last_seq metric or its "
+                             "'audit log … at seq N (chain C)' log line): catches records cut off the end")
+    verify.add_argument("--expect-chain", metavar="HEX", help="the chain value reported with --expect-seq")
+    verify.add_argument("--writer", default=None,
+                        help="whose chain --expect-seq is about: a worker id (audit.wN.jsonl -> N); "
+                             "default the only chain")
     verify.set_defaults(func=verify_main)
 
     keygen = audit_sub.add_parser("keygen", help="create a new HMAC key file for the audit chain (mode 0600)")
@@ -208,8 +216,24 @@ def verify_main(args: argparse.Namespace) -> int:
     if not log_layout(path):
         print(f"no audit log at {path}")
         return 1
+    if args.expect_chain is not None and args.expect_seq is None:
+        print("aigis audit verify: --expect-chain needs --expect-seq")
+        return 1
     report = verify_log(path, key)
     print(format_verify(report))
+    if args.expect_seq is None:
+        return 0 if report.ok else 1
+    writers = [chain.writer for chain in report.chains]
+    writer = args.writer if args.writer is not None else (writers[0] if len(writers) == 1 else None)
+    if writer is None:
+        print(f"aigis audit verify: --expect-seq: name the chain with --writer (one of {', '.join(writers)})")
+        return 1
+    problem = check_anchor(path, writer, args.expect_seq, args.expect_chain)
+    if problem is not None:
+        print(f"FAIL {problem}")
+        return 1
+    matched = " with the reported chain value" if args.expect_chain else ""
+    print(f"OK: the log reaches seq {args.expect_seq}{matched}")
     return 0 if report.ok else 1
 
 

@@ -32,6 +32,8 @@ REQUEST_ID_KEY = "aigis-request-id"
 DenialObserver = Callable[[str, Decision], None]
 #: Called once per call the shadow policy judged, with (method, enforced, shadow decision).
 ShadowObserver = Callable[[str, Decision, Decision], None]
+#: The current trace id (OpenTelemetry, when the server traces), for the audit record.
+TraceIdSource = Callable[[], str | None]
 
 
 def new_request_id() -> str:
@@ -53,11 +55,13 @@ class Enforcer:
         *,
         on_denial: DenialObserver | None = None,
         on_shadow: ShadowObserver | None = None,
+        trace_id: TraceIdSource | None = None,
     ) -> None:
         self._guard = guard
         self._audit = audit
         self._on_denial = on_denial
         self._on_shadow = on_shadow
+        self._trace_id = trace_id
 
     async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None) -> Verdict:
         """Return the verdict when the call may proceed; otherwise audit and abort it (raises).
@@ -93,7 +97,7 @@ class Enforcer:
         shared_id = self._dry_run(method, context, verdict, model) if verdict.shadow is not None else None
         if verdict.decision.allowed:
             if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
-                self._audit.record(audit_record(method, context, verdict, shared_id or new_request_id(), model))
+                self._audit.record(self._record(method, context, verdict, shared_id or new_request_id(), model))
             _CALLER.set((verdict, context.invocation_metadata() or ()))
             return verdict
         await self._deny(method, context, verdict, shared_id or new_request_id(), model)
@@ -120,8 +124,16 @@ class Enforcer:
         if not verdict.shadow_differs or self._audit is None:
             return None
         request_id = new_request_id()
-        self._audit.record(dry_run_record(method, context, verdict, request_id, model))
+        self._audit.record(self._record(method, context, verdict, request_id, model, dry_run=True))
         return request_id
+
+    def _record(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
+                model: CallModel, *, dry_run: bool = False) -> dict[str, Any]:
+        make = dry_run_record if dry_run else audit_record
+        record = make(method, context, verdict, request_id, model)
+        if self._trace_id is not None and (trace_id := self._trace_id()) is not None:
+            record["trace_id"] = trace_id
+        return record
 
     async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
                     model: CallModel = None) -> None:
@@ -129,7 +141,7 @@ class Enforcer:
         if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
             # A denial the client sees is on disk first (auth.audit.Durability); if it cannot be
             # made durable, the client sees UNAVAILABLE instead, never an unrecorded denial.
-            record = audit_record(method, context, verdict, request_id, model)
+            record = self._record(method, context, verdict, request_id, model)
             if not await self._audit.record_durably(record):
                 code = grpc.StatusCode.UNAVAILABLE
         if self._on_denial is not None:

@@ -14,7 +14,7 @@ error in it is logged and leaves the call as the enforced policy decided (dry-ru
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,10 @@ from aigis.auth.tokens import TokenError, TokenVerifier, VerifiedToken
 log = logging.getLogger("aigis.guard")
 
 _DECISION_CACHE_MAX = 16_384
+
+#: Told each check phase's outcome as it completes: (phase name, attributes). The server makes
+#: these OpenTelemetry span events; attributes never hold a token or secret.
+PhaseObserver = Callable[[str, Mapping[str, str | bool]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class Guard:
         rate_limiter: RateLimiter | None = None,
         require_binding: bool = False,
         shadow_policy: Policy | None = None,
+        on_phase: PhaseObserver | None = None,
         revoked_clients: RevokedClients | None = None,
     ) -> None:
         self.verifier = verifier
@@ -83,6 +88,7 @@ class Guard:
         self._decisions: dict[tuple[str, str, frozenset[str] | None, CallModel], tuple[Decision, Decision | None]] = {}
         self._policy = policy
         self._shadow = shadow_policy
+        self._on_phase = on_phase
 
     @property
     def policy(self) -> Policy:
@@ -112,12 +118,31 @@ class Guard:
 
     async def check(self, method: str, context: Any, model: CallModel = None) -> Verdict:
         """The whole pipeline for one call; `model` is the model it names (None: it names none)."""
+        phase = self._on_phase
+        if phase is None:
+            return await self._check(method, context, model, None)
+        verdict = await self._check(method, context, model, phase)
+        decision = verdict.decision
+        outcome: dict[str, str | bool] = {"aigis.authorized": decision.allowed}
+        if decision.reason is not None:
+            outcome["aigis.reason"] = decision.reason.value
+        if decision.policy_name:
+            outcome |= {"aigis.policy_name": decision.policy_name, "aigis.matched_rule": decision.matched_rule}
+        phase("decision", outcome)
+        if verdict.shadow is not None:
+            shadow = {"aigis.authorized": verdict.shadow.allowed, "aigis.differs": verdict.shadow_differs}
+            phase("shadow_policy", shadow)
+        return verdict
+
+    async def _check(self, method: str, context: Any, model: CallModel, phase: PhaseObserver | None) -> Verdict:
         try:
             identity = self.identities.from_auth_context(context.auth_context())
         except IdentityError as exc:
             return Verdict(Decision.deny(exc.reason))
         if self._revocations.is_revoked(identity):
             return Verdict(Decision.deny(Reason.CERT_REVOKED), identity)
+        if phase is not None:
+            phase("certificate", {"aigis.principal": identity.principal})
         if self._rate_limiter is not None and not self._rate_limiter.allow(identity.principal):
             return Verdict(Decision.deny(Reason.RATE_LIMITED), identity)
 
@@ -130,6 +155,8 @@ class Guard:
         except TokenError as exc:
             return Verdict(Decision.deny(exc.reason), identity)
         if token is not None:
+            if phase is not None:
+                phase("token", {"aigis.client_id": token.client_id, "aigis.token_issuer": token.issuer})
             if self.revoked_clients.covers(token):
                 return Verdict(Decision.deny(Reason.TOKEN_CLIENT_REVOKED), identity, token)
             # RFC 8705 §3: a certificate-bound token is only good over the certificate it names.

@@ -12,6 +12,11 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+try:  # OpenTelemetry is optional (the [otel] extra); the SDK then propagates the caller's trace.
+    from opentelemetry.propagate import inject as _inject
+except ImportError:  # pragma: no cover - exercised where the extra is absent
+    _inject = None  # type: ignore[assignment]
+
 from aigis.client_sdk.errors import TokenError
 from aigis.client_sdk.tokens import TokenProvider
 
@@ -39,6 +44,20 @@ def read_image(image: ImageSource) -> bytes:
     if isinstance(image, str | PathLike):
         return Path(image).read_bytes()
     raise TypeError(f"image must be bytes or a path, not {type(image).__name__}")
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...] | None:
+    """W3C `traceparent` / `tracestate` of the caller's current OpenTelemetry span, if any.
+
+    Injected per call, not in BearerPlugin: gRPC runs plugins on a thread of its own, where the
+    caller's context is not current. Without OpenTelemetry installed (it is optional) or without a
+    current span, no metadata is added.
+    """
+    if _inject is None:
+        return None
+    carrier: dict[str, str] = {}
+    _inject(carrier)
+    return tuple(carrier.items()) or None
 
 
 class BearerPlugin(grpc.AuthMetadataPlugin):

@@ -38,6 +38,7 @@ from aigis.client_sdk._common import (
     is_replayable,
     read_image,
     retry_after_refusal,
+    trace_metadata,
 )
 from aigis.client_sdk.errors import StatusLostError, error_from_rpc, status_lost
 from aigis.client_sdk.tokens import TokenProvider
@@ -225,7 +226,7 @@ class AsyncClient:
         request = health_pb2.HealthCheckRequest(service=service)
         deadline = Deadline(self._timeout(timeout))
         try:
-            reply = await self._stubs().health.Check(request, timeout=deadline.remaining())
+            reply = await self._stubs().health.Check(request, timeout=deadline.remaining(), metadata=trace_metadata())
         except aio.AioRpcError as exc:
             failure = exc
         else:
@@ -251,7 +252,7 @@ class AsyncClient:
             token = await asyncio.to_thread(self._provider.token)
             request = payload()
             try:
-                return await method(request, timeout=deadline.remaining())
+                return await method(request, timeout=deadline.remaining(), metadata=trace_metadata())
             except aio.AioRpcError as exc:
                 failure = exc
             except asyncio.CancelledError:
@@ -272,7 +273,7 @@ class AsyncClient:
         for attempt in (1, 2):
             token = await asyncio.to_thread(self._provider.token)
             request = payload()
-            call = method(request, timeout=deadline.remaining())
+            call = method(request, timeout=deadline.remaining(), metadata=trace_metadata())
             received = False
             try:
                 async for reply in call:

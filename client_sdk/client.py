@@ -33,6 +33,7 @@ from aigis.client_sdk._common import (
     is_replayable,
     read_image,
     retry_after_refusal,
+    trace_metadata,
 )
 from aigis.client_sdk.errors import error_from_rpc
 from aigis.client_sdk.tokens import TokenProvider
@@ -161,7 +162,7 @@ class Client:
         request = health_pb2.HealthCheckRequest(service=service)
         deadline = Deadline(self._timeout(timeout))
         try:
-            reply = self._health.Check(request, timeout=deadline.remaining())
+            reply = self._health.Check(request, timeout=deadline.remaining(), metadata=trace_metadata())
         except grpc.RpcError as exc:
             failure = exc
         else:
@@ -182,7 +183,7 @@ class Client:
             token = self._provider.token()
             request = payload()
             try:
-                return method(_send(request), timeout=deadline.remaining())
+                return method(_send(request), timeout=deadline.remaining(), metadata=trace_metadata())
             except grpc.RpcError as exc:
                 failure = exc
             # Outside the except block, so a TokenError from the refresh does not drag the RpcError along.
@@ -199,7 +200,7 @@ class Client:
         for attempt in (1, 2):
             token = self._provider.token()
             request = payload()
-            call = method(_send(request), timeout=deadline.remaining())
+            call = method(_send(request), timeout=deadline.remaining(), metadata=trace_metadata())
             received = False
             try:
                 for reply in call:

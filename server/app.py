@@ -40,6 +40,7 @@ from aigis.auth.tokens import TokenVerifier, TrustedIssuer
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from aigis.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from aigis.server import tracing
 from aigis.server.calculator import CalculatorServicer
 from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
@@ -48,6 +49,7 @@ from aigis.server.metrics import Metrics
 from aigis.server.probes import ProbeServer
 from aigis.server.repository import ModelRepository
 from aigis.server.secured import ModelOf, SecuredRegistrar, SecurityInterceptor
+from aigis.server.tracing import RpcTracer
 
 log = logging.getLogger("aigis.server")
 
@@ -330,6 +332,7 @@ async def start_server(config: Config) -> AigisServer:
     try:
         policy = await asyncio.to_thread(Policy.load, config.policy)
         shadow = await asyncio.to_thread(Policy.load, config.shadow_policy) if config.shadow_policy else None
+        tracer = RpcTracer(tracing.setup_provider(config.tracing_service_name)) if config.tracing_enabled else None
         revocations = await asyncio.to_thread(RevocationList.load, pki.crl, pki.ca_cert)
         repository = await asyncio.to_thread(ModelRepository.load, config.models)
         cert_policy = await asyncio.to_thread(client_certificate_policy, config, pki)
@@ -386,6 +389,7 @@ async def start_server(config: Config) -> AigisServer:
         verifier=verifier,
         policy=policy,
         shadow_policy=shadow,
+        on_phase=tracing.phase_event if tracer is not None else None,
         revocations=revocations,
         identities=IdentityCache(cert_policy),
         rate_limiter=RateLimiter(RateLimit(limits.rate_per_second, limits.rate_burst))
@@ -416,10 +420,16 @@ async def start_server(config: Config) -> AigisServer:
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
     server = aio.server(options=grpc_options(config))
     # Every service registers through the registrar, which wraps each handler with the checks.
-    enforcer = Enforcer(guard, audit, on_denial=metrics.denial_observer, on_shadow=metrics.shadow_observer)
+    enforcer = Enforcer(
+        guard,
+        audit,
+        on_denial=metrics.denial_observer,
+        on_shadow=metrics.shadow_observer,
+        trace_id=tracing.current_trace_id if tracer is not None else None,
+    )
     classifiers = repository.classifiers()
     security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics,
-                                   models=model_readers(repository, classifiers.default_name))
+                                   models=model_readers(repository, classifiers.default_name), tracer=tracer)
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)

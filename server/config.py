@@ -35,7 +35,7 @@ TOML_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: 
                    list: "an array", dict: "a table"}
 ENV_PREFIX = "AIGIS_"
 # The TOML tables an environment variable may set: AIGIS_SERVER_LISTEN is [server] listen.
-ENV_SECTIONS = ("server", "auth", "issuer", "audit", "limits", "metrics", "files", "probes", "log")
+ENV_SECTIONS = ("server", "auth", "issuer", "audit", "limits", "metrics", "files", "probes", "log", "tracing")
 LOG_FORMATS = ("text", "json")
 AUDIT_OUTPUTS = ("file", "stdout")
 
@@ -194,6 +194,10 @@ class Config:
     # between two fetches (bounds what a stream of made-up `kid`s can make us do).
     jwks_cache_seconds: float = 300.0
     jwks_min_refetch_seconds: float = 30.0
+    # [tracing]: OpenTelemetry spans per RPC (needs the [otel] extra); exported over OTLP as the
+    # standard OTEL_EXPORTER_OTLP_* variables say, unless the process already set a tracer provider.
+    tracing_enabled: bool = False
+    tracing_service_name: str = "aigis"
 
 
 def parse_host_port(value: Any, key: str) -> HostPort:
@@ -321,7 +325,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
 
     server, auth, issuer, audit = section("server"), section("auth"), section("issuer"), section("audit")
     limits_table, metrics, files_table = section("limits"), section("metrics"), section("files")
-    probes, log_table = section("probes"), section("log")
+    probes, log_table, tracing = section("probes"), section("log"), section("tracing")
     top.finish()
     probes_listen = probes.get("listen", str, None)
     metrics_listen = metrics.get("listen", str, None)
@@ -391,8 +395,11 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         drain_seconds=_drain(server),
         jwks_cache_seconds=auth.positive("jwks_cache_seconds", default.jwks_cache_seconds),
         jwks_min_refetch_seconds=auth.positive("jwks_min_refetch_seconds", default.jwks_min_refetch_seconds),
+        tracing_enabled=tracing.get("enabled", bool, default.tracing_enabled),
+        tracing_service_name=tracing.get("service_name", str, default.tracing_service_name)
+        or _empty("tracing.service_name"),
     )
-    for table in (server, auth, issuer, audit, limits_table, metrics, files_table, probes, log_table):
+    for table in (server, auth, issuer, audit, limits_table, metrics, files_table, probes, log_table, tracing):
         table.finish()
     return config
 

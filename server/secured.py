@@ -30,6 +30,7 @@ from aigis.auth.guard import Verdict
 from aigis.auth.policy import ANY_MODEL, CallModel, ModelRef
 from aigis.server.errors import ResourceExhausted, ServiceError
 from aigis.server.metrics import Metrics
+from aigis.server.tracing import RpcTracer
 
 log = logging.getLogger("aigis.secured")
 
@@ -89,12 +90,14 @@ class SecurityInterceptor(aio.ServerInterceptor):
         max_stream_messages: int = 10_000,
         metrics: Metrics | None = None,
         models: Mapping[str, ModelOf] | None = None,
+        tracer: RpcTracer | None = None,
     ) -> None:
         """`models` maps the methods whose requests name a model to how to read it: the policy then
         sees the model (rules with "models"), per message for request streams."""
         self._enforcer = enforcer
         self._models = dict(models or {})
         self._metrics = metrics
+        self._tracer = tracer
         self._max_stream_messages = max_stream_messages
         # The generic handler returns the same RpcMethodHandler for a method every time, so the
         # wrapped handler is built once per method, not once per call.
@@ -116,10 +119,15 @@ class SecurityInterceptor(aio.ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = grpc.experimental.wrap_server_method_handler(  # type: ignore[attr-defined]
-            lambda behavior: self._wrap_behavior(method, behavior, handler.request_streaming), handler
+            lambda behavior: self._traced(method, self._wrap_behavior(method, behavior, handler.request_streaming)),
+            handler,
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped  # type: ignore[no-any-return]
+
+    def _traced(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """Outermost: the span covers the checks, the servicer and the error mapping."""
+        return behavior if self._tracer is None else self._tracer.wrap(method, behavior)
 
     def _wrap_behavior(
         self, method: str, behavior: Callable[..., Any], request_streaming: bool

@@ -170,6 +170,11 @@ class Config:
     require_bound_tokens: bool = False
     # Server processes sharing the port (SO_REUSEPORT); set by `aigis serve --workers N`.
     workers: int = 1
+    # The supervisor restarts a crashed worker (after 0.5 s, doubling to 30 s) unless it crashed
+    # more than `worker_restart_limit` times within `worker_restart_window_seconds`: then it stops
+    # the others and exits 1, for the service manager to act on.
+    worker_restart_limit: int = 5
+    worker_restart_window_seconds: float = 60.0
     # Which worker this process is (None when not started by the supervisor): names its audit file.
     worker_id: int | None = None
     # Trusted external issuers. When empty, tokens from the embedded issuer are trusted.
@@ -374,6 +379,10 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         grace_seconds=server.positive("grace_seconds", default.grace_seconds),
         inference_threads=server.positive("inference_threads", default.inference_threads, int),
         workers=server.positive("workers", default.workers, int),
+        worker_restart_limit=server.positive("worker_restart_limit", default.worker_restart_limit, int),
+        worker_restart_window_seconds=server.positive(
+            "worker_restart_window_seconds", default.worker_restart_window_seconds
+        ),
         leeway=timedelta(seconds=leeway),
         algorithms=tuple(algorithms),
         issuer=issuer_settings,

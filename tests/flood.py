@@ -52,10 +52,12 @@ async def add_load(
     seconds: float = 2.0,
     max_calls: int = 100_000,
     stop: asyncio.Event | None = None,
+    wait_for_ready: bool = False,
 ) -> Seen:
     """Calculator.Add from `in_flight` tasks on one channel until `seconds`, `max_calls` or `stop`.
 
     Without a token every call is a denial (token_missing) whose request id is collected.
+    `wait_for_ready`: a call made while the channel reconnects waits instead of failing at once.
     """
     seen = Seen()
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -70,7 +72,7 @@ async def add_load(
                 issued += 1
                 started = time.perf_counter()
                 try:
-                    await add(calc.AddRequest(a=2, b=3), metadata=metadata, timeout=10)
+                    await add(calc.AddRequest(a=2, b=3), metadata=metadata, timeout=10, wait_for_ready=wait_for_ready)
                     seen.codes["OK"] += 1
                 except aio.AioRpcError as err:
                     seen.codes[err.code().name] += 1

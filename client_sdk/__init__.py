@@ -7,6 +7,7 @@
     with Client("localhost:50051", ca="certs/ca.pem", cert="certs/clients/demo.pem",
                 key="certs/clients/demo-key.pem", token_provider=tokens) as client:
         client.add(2, 3)
+        client.infer("digits", {"pixels": numpy.zeros((1, 64), numpy.float32)})["probabilities"]
 
 Failures are `AigisError` subclasses carrying the status code and the server's request id.
 """
@@ -22,6 +23,7 @@ from aigis.client_sdk.errors import (
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
+    InvalidResponseError,
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
@@ -32,7 +34,14 @@ from aigis.client_sdk.errors import (
     UnimplementedError,
 )
 from aigis.client_sdk.tokens import ClientCredentials, StaticToken, TokenProvider
-from aigis.client_sdk.types import Classification, LabelProbability, ModelInfo, SumResult
+from aigis.client_sdk.types import (
+    Classification,
+    LabelProbability,
+    ModelInfo,
+    ModelMetadata,
+    SumResult,
+    TensorInfo,
+)
 
 __all__ = [
     "STATUS_ERRORS",
@@ -47,8 +56,10 @@ __all__ = [
     "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
+    "InvalidResponseError",
     "LabelProbability",
     "ModelInfo",
+    "ModelMetadata",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
@@ -56,6 +67,7 @@ __all__ = [
     "StaticToken",
     "StatusLostError",
     "SumResult",
+    "TensorInfo",
     "TokenError",
     "TokenProvider",
     "UnavailableError",

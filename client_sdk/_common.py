@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
+import numpy as np
 
 try:  # OpenTelemetry is optional (the [otel] extra); the SDK then propagates the caller's trace.
     from opentelemetry.propagate import inject as _inject
 except ImportError:  # pragma: no cover - exercised where the extra is absent
     _inject = None  # type: ignore[assignment]
 
-from aigis.client_sdk.errors import TokenError
+from aigis.client_sdk.errors import InvalidArgumentError, InvalidResponseError, TokenError
 from aigis.client_sdk.tokens import TokenProvider
+from aigis.inference import grpc_service_pb2 as inference_pb2
+from aigis.inference.tensors import TensorError, decode_outputs, encode_inputs
 
 PemSource = str | PathLike[str] | bytes
 ImageSource = bytes | str | PathLike[str]
@@ -204,3 +207,33 @@ class RequestStream(Generic[T, M]):
         except Exception as exc:
             self.error = exc
             raise
+
+
+def infer_request(model: str, inputs: Mapping[str, Any], outputs: Sequence[str] | None, version: str | None,
+                  request_id: str = "") -> inference_pb2.ModelInferRequest:
+    """A ModelInferRequest with `inputs` (name -> numpy array, or anything np.asarray takes) sent raw."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise TypeError("inputs must be a non-empty mapping of input name to array")
+    request = inference_pb2.ModelInferRequest(model_name=model, model_version=version or "", id=request_id)
+    try:
+        encode_inputs(request, {name: np.asarray(value) for name, value in inputs.items()})
+    except TensorError as exc:
+        raise TypeError(str(exc)) from None
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return request
+
+
+def infer_outputs(response: inference_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
+    """The response's outputs as numpy arrays (a malformed response raises InvalidResponseError)."""
+    try:
+        return decode_outputs(response)
+    except TensorError as exc:
+        raise InvalidResponseError(f"the server's response is malformed: {exc}") from None
+
+
+def stream_reply(reply: inference_pb2.ModelStreamInferResponse) -> dict[str, np.ndarray]:
+    """One ModelStreamInfer reply: its outputs, or the error the server reported for that request."""
+    if reply.error_message:
+        raise InvalidArgumentError(reply.error_message, grpc.StatusCode.INVALID_ARGUMENT)
+    return infer_outputs(reply.infer_response)

@@ -16,12 +16,13 @@ raises `StatusLostError` then, and cannot retry, since the refusal is invisible.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import grpc
+import numpy as np
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -34,15 +35,20 @@ from aigis.client_sdk._common import (
     channel_credentials,
     channel_options,
     check_timeout,
+    infer_outputs,
+    infer_request,
     is_refusal,
     is_replayable,
     read_image,
     retry_after_refusal,
+    stream_reply,
     trace_metadata,
 )
 from aigis.client_sdk.errors import StatusLostError, error_from_rpc, status_lost
 from aigis.client_sdk.tokens import TokenProvider
-from aigis.client_sdk.types import Classification, ModelInfo, SumResult
+from aigis.client_sdk.types import Classification, ModelInfo, ModelMetadata, SumResult
+from aigis.inference import grpc_service_pb2 as inference_pb2
+from aigis.inference import grpc_service_pb2_grpc as inference_pb2_grpc
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -79,6 +85,7 @@ class _Stubs:
     calculator: calculator_pb2_grpc.CalculatorStub
     classifier: classifier_pb2_grpc.ImageClassificationServiceStub
     health: health_pb2_grpc.HealthStub
+    inference: inference_pb2_grpc.GRPCInferenceServiceStub
 
 
 class AsyncClient:
@@ -129,6 +136,7 @@ class AsyncClient:
             calculator_pb2_grpc.CalculatorStub(channel),
             classifier_pb2_grpc.ImageClassificationServiceStub(channel),
             health_pb2_grpc.HealthStub(channel),
+            inference_pb2_grpc.GRPCInferenceServiceStub(channel),
         )
 
     async def close(self) -> None:
@@ -218,6 +226,57 @@ class AsyncClient:
         request = classifier_pb2.ListModelsRequest()
         reply = await self._unary(self._stubs().classifier.ListModels, lambda: request, True, timeout)
         return [ModelInfo.from_proto(info) for info in reply.models]
+
+    # Open Inference Protocol (KServe v2)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[str] | None = None,
+        version: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run `model` (the newest version unless `version`) on `inputs` (input name -> numpy array,
+        sent raw); returns the outputs by name, all of them unless `outputs` names some."""
+        request = infer_request(model, inputs, outputs, version)
+        return infer_outputs(await self._unary(self._stubs().inference.ModelInfer, lambda: request, True, timeout))
+
+    async def infer_stream(
+        self,
+        model: str,
+        inputs: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+        outputs: Sequence[str] | None = None,
+        version: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """One inference per item of `inputs` over one stream (ModelStreamInfer), answers in order.
+        A request the server refuses raises its error (InvalidArgumentError, ...) and ends the stream."""
+
+        async def convert(item: Mapping[str, Any]) -> inference_pb2.ModelInferRequest:
+            return infer_request(model, item, outputs, version)
+
+        replies = self._stream(
+            self._stubs().inference.ModelStreamInfer,
+            lambda: AsyncRequestStream(inputs, convert),
+            is_replayable(inputs),
+            timeout,
+        )
+        async for reply in replies:
+            yield stream_reply(reply)
+
+    async def model_metadata(self, model: str, version: str | None = None, *, timeout: float | None = None
+                             ) -> ModelMetadata:
+        """A model's versions, platform and input/output tensors."""
+        request = inference_pb2.ModelMetadataRequest(name=model, version=version or "")
+        reply = await self._unary(self._stubs().inference.ModelMetadata, lambda: request, True, timeout)
+        return ModelMetadata.from_proto(reply)
+
+    async def model_ready(self, model: str, version: str | None = None, *, timeout: float | None = None) -> bool:
+        request = inference_pb2.ModelReadyRequest(name=model, version=version or "")
+        return bool((await self._unary(self._stubs().inference.ModelReady, lambda: request, True, timeout)).ready)
 
     # Health (no token needed)
 

@@ -12,11 +12,12 @@ one caused by the certificate: that costs one token fetch and one extra call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
@@ -29,15 +30,20 @@ from aigis.client_sdk._common import (
     channel_credentials,
     channel_options,
     check_timeout,
+    infer_outputs,
+    infer_request,
     is_refusal,
     is_replayable,
     read_image,
     retry_after_refusal,
+    stream_reply,
     trace_metadata,
 )
 from aigis.client_sdk.errors import error_from_rpc
 from aigis.client_sdk.tokens import TokenProvider
-from aigis.client_sdk.types import Classification, ModelInfo, SumResult
+from aigis.client_sdk.types import Classification, ModelInfo, ModelMetadata, SumResult
+from aigis.inference import grpc_service_pb2 as inference_pb2
+from aigis.inference import grpc_service_pb2_grpc as inference_pb2_grpc
 
 # One attempt's request: a message, or a stream of them.
 _Payload = Any
@@ -75,6 +81,7 @@ class Client:
         self._calculator = calculator_pb2_grpc.CalculatorStub(self._channel)
         self._classifier = classifier_pb2_grpc.ImageClassificationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._inference = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -154,6 +161,53 @@ class Client:
         request = classifier_pb2.ListModelsRequest()
         reply = self._unary(self._classifier.ListModels, lambda: request, True, timeout)
         return [ModelInfo.from_proto(info) for info in reply.models]
+
+    # Open Inference Protocol (KServe v2)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[str] | None = None,
+        version: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run `model` (the newest version unless `version`) on `inputs` (input name -> numpy array,
+        sent raw); returns the outputs by name, all of them unless `outputs` names some."""
+        request = infer_request(model, inputs, outputs, version)
+        return infer_outputs(self._unary(self._inference.ModelInfer, lambda: request, True, timeout))
+
+    def infer_stream(
+        self,
+        model: str,
+        inputs: Iterable[Mapping[str, Any]],
+        outputs: Sequence[str] | None = None,
+        version: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """One inference per item of `inputs` over one stream (ModelStreamInfer), answers in order.
+        A request the server refuses raises its error (InvalidArgumentError, ...) and ends the stream."""
+
+        def convert(item: Mapping[str, Any]) -> inference_pb2.ModelInferRequest:
+            return infer_request(model, item, outputs, version)
+
+        replies = self._stream(
+            self._inference.ModelStreamInfer, lambda: RequestStream(inputs, convert), is_replayable(inputs), timeout
+        )
+        for reply in replies:
+            yield stream_reply(reply)
+
+    def model_metadata(self, model: str, version: str | None = None, *, timeout: float | None = None
+                       ) -> ModelMetadata:
+        """A model's versions, platform and input/output tensors."""
+        request = inference_pb2.ModelMetadataRequest(name=model, version=version or "")
+        return ModelMetadata.from_proto(self._unary(self._inference.ModelMetadata, lambda: request, True, timeout))
+
+    def model_ready(self, model: str, version: str | None = None, *, timeout: float | None = None) -> bool:
+        request = inference_pb2.ModelReadyRequest(name=model, version=version or "")
+        return bool(self._unary(self._inference.ModelReady, lambda: request, True, timeout).ready)
 
     # Health (no token needed)
 

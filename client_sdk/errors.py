@@ -40,6 +40,10 @@ class AigisError(Exception):
         return " ".join(parts) if len(parts) == 1 else f"{parts[0]} ({', '.join(parts[1:])})"
 
 
+class InvalidResponseError(AigisError):
+    """The server's answer could not be understood (e.g. a tensor whose bytes do not fit its shape)."""
+
+
 class AuthenticationError(AigisError):
     """UNAUTHENTICATED: the certificate or token was refused (the server never says which)."""
 

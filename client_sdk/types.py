@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from aigis.calculator.v1 import calculator_pb2
 from aigis.classifier.v1 import classifier_pb2
+from aigis.inference import grpc_service_pb2 as inference_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,4 +70,37 @@ class ModelInfo:
             image_width=info.image_width,
             image_height=info.image_height,
             is_default=info.is_default,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One input or output of a model: name, protocol datatype (FP32, INT64, ...), shape (-1: any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What the Open Inference Protocol says about a model (ModelMetadata)."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    @staticmethod
+    def from_proto(reply: inference_pb2.ModelMetadataResponse) -> ModelMetadata:
+        def tensors(items: object) -> tuple[TensorInfo, ...]:
+            return tuple(TensorInfo(t.name, t.datatype, tuple(t.shape)) for t in items)  # type: ignore[attr-defined]
+
+        return ModelMetadata(
+            name=reply.name,
+            versions=tuple(reply.versions),
+            platform=reply.platform,
+            inputs=tensors(reply.inputs),
+            outputs=tensors(reply.outputs),
         )

@@ -436,6 +436,7 @@ async def start_server(config: Config) -> AigisServer:
     classifier = ImageClassificationServicer(classifiers, executor)
     # ListModels shows only the models this caller may classify with.
     classifier.may_use = functools.partial(enforcer.may_use, CLASSIFY_IMAGE)
+    classifier.on_inference = metrics.inference
     for model_name, batcher in classifier.batchers.items():
         batcher.on_batch = metrics.batch_size.labels(model_name).observe
     classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(classifier, registrar)

@@ -10,6 +10,7 @@ raises `server.errors` exceptions; the interceptor turns them into statuses.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
@@ -47,6 +48,8 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
         self._limits = limits
         # Whether the current caller may use a model (set by the server from its policy); None: all.
         self.may_use: Callable[[ModelRef], bool] | None = None
+        # Told (model, version, seconds) after every classification (the server points it at metrics).
+        self.on_inference: Callable[[str, str, float], None] | None = None
         self.batchers: dict[str, DynamicBatcher] = {
             m.name: DynamicBatcher.for_model(m, executor, max_in_flight=max_batches_in_flight)
             for m in registry.models if m.config.batching.enabled
@@ -70,6 +73,14 @@ class ImageClassificationServicer(classifier_pb2_grpc.ImageClassificationService
         return images.prepare(request.data, request.width, request.height, model.config, self._limits)[0]
 
     async def _run(self, request: classifier_pb2.Image) -> classifier_pb2.ClassificationResult:
+        started = time.perf_counter()
+        result = await self._answer(request)
+        if self.on_inference is not None:
+            self.on_inference(result.model, self._registry.get(result.model).config.version,
+                              time.perf_counter() - started)
+        return result
+
+    async def _answer(self, request: classifier_pb2.Image) -> classifier_pb2.ClassificationResult:
         loop = asyncio.get_running_loop()
         model = self._registry.get(request.model)
         batcher = self.batchers.get(model.name)

@@ -44,7 +44,7 @@ class Metrics:
             registry=self.registry,
         )
         self.model_inferences = Counter(
-            "aigis_model_inferences", "Inferences by model and version (ModelInfer, ModelStreamInfer).",
+            "aigis_model_inferences", "Inferences by model and version (ModelInfer, streams, ClassifyImage).",
             ["model", "version"], registry=self.registry,
         )
         self.model_latency = Histogram(

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,47 @@ def test_audit_show_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "REASON" in out and "2 record(s)" in out
     assert main(["audit", "show", "--audit-log", str(log), "--since", "yesterday"]) == 2
+
+
+def _call_args(stack: Any) -> list[str]:
+    return ["call", "--certs", str(stack.pki.root), "--client", "demo", "--issuer", stack.issuer_url,
+            "--target", stack.target]
+
+
+def test_call_infer_and_metadata(stack: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`aigis call infer MODEL --input NAME=FILE.npy` prints and saves the outputs; `metadata` the signature."""
+    import numpy as np
+
+    x = np.random.default_rng(0).random((2, 64), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main([*_call_args(stack), "infer", "digits", "--input", f"pixels={tmp_path / 'x.npy'}",
+                 "--save-dir", str(tmp_path / "out")]) == 0
+    assert "probabilities  float32  [2, 10]" in capsys.readouterr().out
+    assert np.load(tmp_path / "out" / "probabilities.npy").shape == (2, 10)
+    assert main([*_call_args(stack), "metadata", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "digits  versions=1  platform=onnxruntime_onnx" in out and "input  pixels  FP32  [-1, 64]" in out
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d / "missing.npy", "not a readable .npy array"),
+    (lambda d: (d / "obj.npy", __import__("numpy").save(d / "obj.npy", __import__("numpy").array([{}]),
+                                                       allow_pickle=True))[0], "not a readable .npy array"),
+])
+def test_call_infer_bad_input_file_is_one_line(stack: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               make: Any, message: str) -> None:
+    """A missing file or a pickled array is one clear line and exit 2, never a traceback (pickles not loaded)."""
+    path = make(tmp_path)
+    assert main([*_call_args(stack), "infer", "digits", "--input", f"pixels={path}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_call_infer_server_refusal_is_one_line(stack: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused request (wrong shape) prints the server's message and the request id, exit 1."""
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 63), np.float32))
+    assert main([*_call_args(stack), "infer", "digits", "--input", f"pixels={tmp_path / 'x.npy'}"]) == 1
+    err = capsys.readouterr().err
+    assert "input 'pixels': shape [1, 63]" in err and "request_id=" in err

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aigis.auth.pki import PkiPaths
 from aigis.tools import audit_cmd, bench, certs_cmd, keys_cmd
@@ -132,10 +133,63 @@ def _call(args: argparse.Namespace) -> int:
                           f"labels={len(model.labels)}{' (default)' if model.is_default else ''}")
             elif args.rpc == "health":
                 print(client.health())
+            elif args.rpc == "metadata":
+                _print_metadata(client.model_metadata(args.model, args.version))
+            elif args.rpc == "infer":
+                inputs = _load_inputs(args.input)
+                outputs = client.infer(args.model, inputs, args.output or None, args.version)
+                _print_outputs(outputs, args.save_dir)
+    except InputFileError as exc:
+        print(f"aigis call {args.rpc}: {exc}", file=sys.stderr)
+        return 2
     except AigisError as exc:
         print(f"aigis call {args.rpc}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+class InputFileError(ValueError):
+    """An --input the CLI cannot use; the message names the file."""
+
+
+def _input_arg(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {value!r}")
+    return name, Path(path)
+
+
+def _load_inputs(pairs: list[tuple[str, Path]]) -> dict[str, Any]:
+    """Each NAME=FILE.npy as an array; pickled (object) arrays are refused, never unpickled."""
+    import numpy as np
+
+    inputs: dict[str, Any] = {}
+    for name, path in pairs:
+        if name in inputs:
+            raise InputFileError(f"--input {name}: given twice")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputFileError(f"--input {name}={path}: not a readable .npy array ({exc})") from None
+    return inputs
+
+
+def _print_metadata(meta: Any) -> None:
+    print(f"{meta.name}  versions={','.join(meta.versions)}  platform={meta.platform}")
+    for kind, tensors in (("input", meta.inputs), ("output", meta.outputs)):
+        for t in tensors:
+            print(f"  {kind:6} {t.name}  {t.datatype}  {list(t.shape)}")
+
+
+def _print_outputs(outputs: dict[str, Any], save_dir: Path | None) -> None:
+    import numpy as np
+
+    for name, array in outputs.items():
+        print(f"{name}  {array.dtype}  {list(array.shape)}")
+        print(np.array2string(array, threshold=64, precision=6))
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            np.save(save_dir / f"{name}.npy", array, allow_pickle=False)
 
 
 def _env_path(name: str) -> Path | None:
@@ -196,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=3)
     rpcs.add_parser("models", help="ListModels")
     rpcs.add_parser("health", help="grpc.health.v1 Check")
+    metadata = rpcs.add_parser("metadata", help="ModelMetadata MODEL (Open Inference Protocol)")
+    metadata.add_argument("model")
+    metadata.add_argument("--version", default=None, help="model version (default: the newest)")
+    infer = rpcs.add_parser("infer", help="ModelInfer MODEL --input NAME=FILE.npy ... (Open Inference Protocol)")
+    infer.add_argument("model")
+    infer.add_argument("--input", type=_input_arg, action="append", required=True, metavar="NAME=FILE.npy",
+                       help="an input tensor from a NumPy .npy file (repeat for each input)")
+    infer.add_argument("--output", action="append", metavar="NAME", help="only this output (repeatable)")
+    infer.add_argument("--version", default=None, help="model version (default: the newest)")
+    infer.add_argument("--save-dir", type=Path, help="also write each output to DIR/NAME.npy")
     call.set_defaults(func=_call)
 
     demo = sub.add_parser("demo", help="the whole flow on a throwaway directory")

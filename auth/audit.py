@@ -57,6 +57,7 @@ from aigis.auth.audit_chain import (
     seal,
     writer_path,
 )
+from aigis.auth.audit_format import AuditFormat, to_grpc
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "DURABLE_WAIT_SECONDS", "AuditError", "AuditLog", "Durability",
@@ -191,6 +192,7 @@ class AuditLog:
         fsync: bool | None = None,
         durable_wait: float = DURABLE_WAIT_SECONDS,
         stdout: bool = False,
+        record_format: AuditFormat = AuditFormat.AIGIS,
     ) -> None:
         if max_bytes <= 0 or queue_size <= 0 or max_batch <= 0:
             raise ValueError("max_bytes, queue_size and max_batch must be greater than 0")
@@ -206,6 +208,7 @@ class AuditLog:
         # Only WRITE skips fsync (tests may switch it off to run faster); stdout cannot be fsynced.
         self._fsync = (durability is not Durability.WRITE if fsync is None else fsync) and not stdout
         self._stdout = stdout
+        self._grpc_format = record_format is AuditFormat.GRPC
         # On a shared stdout, the writer's name tells one worker's chain from another's.
         self._tag = {"writer": str(worker_id)} if stdout and worker_id is not None else None
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -515,6 +518,8 @@ class AuditLog:
         for entry in entries:
             if self._tag is not None:
                 entry = {**entry, **self._tag}
+            if self._grpc_format:  # here, on the writer thread: no work on the event loop
+                entry = to_grpc(entry)
             try:
                 line, next_chain = seal(entry, seq + 1, chain, self._key)
             except (TypeError, ValueError):

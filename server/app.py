@@ -401,7 +401,7 @@ async def start_server(config: Config) -> AigisServer:
     audit = AuditLog(
         config.audit_log, hmac_key_file=config.audit_hmac_key_file, worker_id=config.worker_id,
         max_bytes=config.audit_max_bytes, queue_size=config.audit_queue_size, durability=config.audit_durability,
-        stdout=config.audit_output == "stdout",
+        stdout=config.audit_output == "stdout", record_format=config.audit_format,
     )  # fmt: skip
     try:
         await asyncio.to_thread(audit.start)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aigis.auth.audit import Durability
+from aigis.auth.audit_format import AuditFormat
 from aigis.auth.pki import PkiPaths
 from aigis.auth.tokens import DEFAULT_MAX_LIFETIME
 
@@ -201,6 +202,9 @@ class Config:
     jwks_min_refetch_seconds: float = 30.0
     # [tracing]: OpenTelemetry spans per RPC (needs the [otel] extra); exported over OTLP as the
     # standard OTEL_EXPORTER_OTLP_* variables say, unless the process already set a tracer provider.
+    # [audit] format: "aigis" (flat records) or "grpc" (A59's `grpc_audit_log` object, as grpc-go
+    # and gRPC C++ write it, with aigis's fields beside it).
+    audit_format: AuditFormat = AuditFormat.AIGIS
     tracing_enabled: bool = False
     tracing_service_name: str = "aigis"
 
@@ -404,6 +408,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         drain_seconds=_drain(server),
         jwks_cache_seconds=auth.positive("jwks_cache_seconds", default.jwks_cache_seconds),
         jwks_min_refetch_seconds=auth.positive("jwks_min_refetch_seconds", default.jwks_min_refetch_seconds),
+        audit_format=AuditFormat(audit.choice("format", tuple(f.value for f in AuditFormat), default.audit_format)),
         tracing_enabled=tracing.get("enabled", bool, default.tracing_enabled),
         tracing_service_name=tracing.get("service_name", str, default.tracing_service_name)
         or _empty("tracing.service_name"),

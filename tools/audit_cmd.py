@@ -28,6 +28,7 @@ from aigis.auth.audit_chain import (
     verify_log,
     write_new_key,
 )
+from aigis.auth.audit_format import flat
 
 DEFAULT_AUDIT_LOG = Path("aigis-audit.jsonl")
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
@@ -55,7 +56,8 @@ def select(
     since: datetime | None = None,
 ) -> list[dict[str, Any]]:
     chosen = []
-    for record in records:
+    for raw in records:
+        record = flat(raw)  # either layout ([audit] format)
         if reason and record.get("reason") != reason:
             continue
         if principal and record.get("principal") != principal:
@@ -69,7 +71,7 @@ def select(
                 continue
             if stamp < since:
                 continue
-        chosen.append(record)
+        chosen.append(raw)
     return chosen
 
 
@@ -105,7 +107,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
     reasons: Counter[str] = Counter()
     principals: Counter[str] = Counter()
     lost: Counter[str] = Counter()
-    for record in records:
+    for record in map(flat, records):  # either layout ([audit] format)
         if record.get("event") == OVERFLOW_EVENT:
             by_reason = record.get("by_reason")
             if isinstance(by_reason, dict):

@@ -57,7 +57,8 @@ class AigisProcess:
         raise AssertionError(f"aigis did not become ready (exit {self.process.poll()}):\n{self.output()}")
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:

@@ -82,6 +82,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _issuer(args: argparse.Namespace) -> int:
+    from aigis.server.app import StartupError
+    from aigis.server.config import ConfigError, load_config
+    from aigis.server.issuer_role import run_issuer
+    from aigis.server.logs import configure_logging
+
+    try:
+        config = load_config(args.config, certs=args.certs, issuer_listen=args.listen,
+                             metrics_listen=args.metrics_listen)
+    except ConfigError as exc:
+        print(f"aigis issuer: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, config.log_format)
+
+    def ready(running: object) -> None:
+        issuer = running.issuer  # type: ignore[attr-defined]
+        info = {"issuer_url": issuer.url, "iss": issuer.issuer_url, "port": issuer.port,
+                "jwks_url": issuer.jwks_url, "probes_port": running.probes_port,  # type: ignore[attr-defined]
+                "metrics_port": running.metrics_port}  # type: ignore[attr-defined]
+        if config.log_format == "text":
+            print(f"aigis: token issuer at {issuer.url}", flush=True)
+        if args.ready_file:
+            tmp = args.ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, args.ready_file)
+
+    try:
+        asyncio.run(run_issuer(config, ready=ready))
+    except StartupError as exc:
+        print(f"aigis issuer: cannot start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _client_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     pki = PkiPaths(args.certs)
     return pki.ca_cert, pki.client_cert(args.client), pki.client_key(args.client)
@@ -220,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ready-file", type=Path,
                        help="once serving, write {target, port, issuer_url} JSON here")
     serve.set_defaults(func=_serve)
+
+    issuer = sub.add_parser("issuer", help="run the token issuer alone (HTTPS: token, JWKS, metadata)")
+    issuer.add_argument("--config", type=Path, default=_env_path("AIGIS_CONFIG"),
+                        help="aigis.toml: [issuer], [files], [probes], [metrics], [log] (default: $AIGIS_CONFIG)")
+    issuer.add_argument("--listen", help="HOST:PORT (default: [issuer] listen, 127.0.0.1:8443)")
+    issuer.add_argument("--certs", type=Path, help="certificate directory (default ./certs)")
+    issuer.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics, or 'off'")
+    issuer.add_argument("--ready-file", type=Path, help="once serving, write {issuer_url, jwks_url, ...} JSON here")
+    issuer.set_defaults(func=_issuer)
 
     def client_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--certs", type=Path, default=Path("certs"), help="certificate directory")

@@ -16,6 +16,7 @@ would only add a resource to close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -164,6 +165,17 @@ async def discover_jwks_uri(issuer: str, context: ssl.SSLContext) -> str:
     return jwks_uri
 
 
+# How long a caller with an unknown kid waits for a key-set refresh another caller started.
+KEY_REFRESH_WAIT_SECONDS = 5.0
+
+
+async def wait_bounded(refresh: asyncio.Future[None]) -> None:
+    """Wait for a refresh under way, at most KEY_REFRESH_WAIT_SECONDS; giving up (or being
+    cancelled) never cancels the refresh the other callers wait for."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(refresh), KEY_REFRESH_WAIT_SECONDS)
+
+
 class RemoteKeys:
     """An issuer's keys from an https JWK Set URL, given or discovered, cached by us.
 
@@ -194,6 +206,7 @@ class RemoteKeys:
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._lock = asyncio.Lock()
+        self._fetching: asyncio.Future[None] | None = None  # done when the fetch under way ends
         self.fetches = 0  # attempts made, for tests and metrics
 
     def _may_fetch(self, now: float) -> bool:
@@ -207,6 +220,8 @@ class RemoteKeys:
             return key  # a stale key keeps serving while a refresh is under way
         if self._may_fetch(now):
             await self.refresh()
+        elif self._fetching is not None:  # single flight: wait for the fetch under way, then look
+            await wait_bounded(self._fetching)
         if self.key_set is None:
             raise KeysUnavailable(self.last_error or f"keys of {self.issuer} not fetched yet")
         return self.key_set.keys.get(kid)
@@ -219,22 +234,30 @@ class RemoteKeys:
                 return
             self._attempted_at = now
             self.fetches += 1
+            self._fetching = fetching = asyncio.get_running_loop().create_future()
             try:
-                if self.url is None:
-                    self.url = await discover_jwks_uri(self.issuer, self._context)
-                key_set = parse_jwks(await fetch_json(self.url, self._context), self.url)
-            except KeySetError as exc:
-                if self.configured_url is None:
-                    self.url = None  # rediscover next time: the jwks_uri may have moved
-                self.last_error = str(exc)
-                kept = "keeping the previous keys" if self.key_set is not None else "no keys cached"
-                log.warning("JWK Set of %s unavailable (%s); %s", self.issuer, exc, kept)
-                return
-            self.last_error = None
-            changed = self.key_set is not None and key_set.digest != self.key_set.digest
-            self.key_set, self._fetched_at = key_set, self._clock()
-            if changed:
-                self._on_change()
+                await self._fetch()
+            finally:
+                fetching.set_result(None)
+                self._fetching = None
+
+    async def _fetch(self) -> None:
+        try:
+            if self.url is None:
+                self.url = await discover_jwks_uri(self.issuer, self._context)
+            key_set = parse_jwks(await fetch_json(self.url, self._context), self.url)
+        except KeySetError as exc:
+            if self.configured_url is None:
+                self.url = None  # rediscover next time: the jwks_uri may have moved
+            self.last_error = str(exc)
+            kept = "keeping the previous keys" if self.key_set is not None else "no keys cached"
+            log.warning("JWK Set of %s unavailable (%s); %s", self.issuer, exc, kept)
+            return
+        self.last_error = None
+        changed = self.key_set is not None and key_set.digest != self.key_set.digest
+        self.key_set, self._fetched_at = key_set, self._clock()
+        if changed:
+            self._on_change()
 
     def expire(self) -> None:
         """Make the next lookup refetch (still subject to the cooldown)."""

@@ -65,7 +65,15 @@ import jwt
 from jwt import PyJWK
 
 from aigis.auth.decision import Reason
-from aigis.auth.jwks import KeySet, KeySetError, KeysUnavailable, RemoteKeys, load_jwks_file, parse_jwks
+from aigis.auth.jwks import (
+    KeySet,
+    KeySetError,
+    KeysUnavailable,
+    RemoteKeys,
+    load_jwks_file,
+    parse_jwks,
+    wait_bounded,
+)
 
 __all__ = [
     "KeySet",
@@ -226,7 +234,9 @@ class _FileKeys:
 
     An unknown kid also re-reads the file (in a thread, at most once per `recheck` seconds): right
     after `aigis keys rotate` the issuer signs with a key the periodic reload has not seen yet, and
-    those tokens must not be refused meanwhile. A forged kid costs at most one file read a second.
+    those tokens must not be refused meanwhile. The re-read is single flight: callers that find
+    an unknown kid while one is under way wait for it (at most KEY_REFRESH_WAIT_SECONDS) instead of
+    being refused. A forged kid costs at most one file read a second.
     """
 
     def __init__(self, path: Path, on_change: Callable[[], None], recheck: float = 1.0) -> None:
@@ -235,21 +245,32 @@ class _FileKeys:
         self._on_change = on_change
         self._recheck = recheck
         self._checked_at = time.monotonic()
+        self._rereading: asyncio.Future[None] | None = None
+        self.rereads = 0  # for tests: how many times the file was read for an unknown kid
 
     async def get(self, kid: str) -> PyJWK | None:
         key = self.key_set.keys.get(kid)
-        if key is None and time.monotonic() - self._checked_at >= self._recheck:
-            self._checked_at = time.monotonic()
-            try:
-                key_set = await asyncio.to_thread(load_jwks_file, self.path)
-            except KeySetError as exc:
-                log.error("unknown kid, and the JWK Set cannot be re-read: %s", exc)
+        if key is not None:
+            return key
+        if self._rereading is None:
+            if time.monotonic() - self._checked_at < self._recheck:
                 return None
+            self._checked_at = time.monotonic()
+            self._rereading = asyncio.ensure_future(self._reread())
+        await wait_bounded(self._rereading)
+        return self.key_set.keys.get(kid)
+
+    async def _reread(self) -> None:
+        try:
+            self.rereads += 1
+            key_set = await asyncio.to_thread(load_jwks_file, self.path)
             if key_set.digest != self.key_set.digest:
                 self.key_set = key_set
                 self._on_change()  # a removed key must stop vouching for cached tokens
-            key = self.key_set.keys.get(kid)
-        return key
+        except KeySetError as exc:
+            log.error("unknown kid, and the JWK Set cannot be re-read: %s", exc)
+        finally:
+            self._rereading = None
 
 
 def _reason_for(exc: Exception) -> Reason:

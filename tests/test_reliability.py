@@ -12,17 +12,24 @@ import resource
 import signal
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from calls import issuer_token
 from conftest import make_pki
+from cryptography.hazmat.primitives import serialization
 from flood import Seen, add_load
 from serve_proc import Served, serve
 
 from aigis.auth.audit import read_records
 from aigis.auth.audit_chain import verify_log
+from aigis.auth.clients import load_registry
+from aigis.auth.issuer import TokenService
+from aigis.auth.signing_keys import rotate_signing_key
 
 pytestmark = pytest.mark.reliability
 
@@ -139,3 +146,43 @@ def test_disk_full_every_loss_is_chained_counted_and_logged_briefly(tmp_path: Pa
     last = [r for r in read_records(audit_log) if r.get("event") == "audit_overflow"][-1]
     assert last["carried_over"] is True and last["dropped"] >= again.codes["UNAVAILABLE"], last
     assert verify_log(audit_log, None).ok
+
+
+ROTATIONS = 3
+CALLERS = 64  # calls at once, each with a token the verifier has not seen, signed with the new key
+
+
+def test_key_rotation_under_load_refuses_no_valid_call(start_stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`keys rotate` while many callers arrive at once with tokens under the new kid: they wait for
+    the one re-read of the JWK Set (single flight) instead of being refused token_unknown_key."""
+    monkeypatch.setattr("aigis.server.app.RELOAD_INTERVAL_SECONDS", 3600.0)  # only the unknown-kid path finds keys
+    stack = start_stack()
+    demo = load_registry(stack.pki.clients_registry).by_name("demo")
+    assert demo is not None and stack.server.issuer is not None
+    old_token = issuer_token(stack, "demo")
+    totals: Counter[str] = Counter()
+
+    async def burst(tokens: list[str]) -> Seen:
+        """Every token used by CALLERS // len(tokens) calls, all started together, beside old-token load."""
+        seen = Seen()
+        background = asyncio.create_task(add_load(stack.target, stack.pki, token=old_token, in_flight=8, seconds=1))
+        each = CALLERS // len(tokens)
+        results = await asyncio.gather(*(
+            add_load(stack.target, stack.pki, token=token, in_flight=each, max_calls=each) for token in tokens
+        ))  # fmt: skip
+        for result in [*results, await background]:
+            seen.merge(result)
+        return seen
+
+    for _ in range(ROTATIONS):
+        time.sleep(1.1)  # a made-up kid may make the server re-read the file at most once a second
+        rotation = rotate_signing_key(stack.pki, now=datetime.now(UTC))
+        key = serialization.load_pem_private_key(stack.pki.signing_key.read_bytes(), password=None)
+        signer = TokenService(signing_key=key, kid=rotation.active, issuer=stack.server.issuer.issuer_url,
+                              audience="aigis", ttl=timedelta(minutes=5))  # type: ignore[arg-type]  # fmt: skip
+        now = datetime.now(UTC)
+        tokens = [signer.issue(demo, None, now=now + timedelta(milliseconds=i)).access_token for i in range(16)]
+        totals.update(asyncio.run(burst(tokens)).codes)
+    print(f"\nkey rotation x{ROTATIONS} with {CALLERS} new-kid callers at once + old-token load: {dict(totals)}")
+    assert set(totals) == {"OK"}, totals
+    assert totals["OK"] >= ROTATIONS * CALLERS

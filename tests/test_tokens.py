@@ -9,6 +9,7 @@ import json
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -649,6 +650,43 @@ def test_remote_unknown_kid_refetches_at_most_once_per_cooldown(
         assert jwks_server.hits == 2
 
     asyncio.run(scenario())
+
+
+def test_remote_refetch_is_single_flight_for_concurrent_callers(
+    jwks_server: JwksServer, keys: Keys, clock: Clock
+) -> None:
+    """Many callers with a rotated-in kid at once: one fetch, and every caller waits for it (none is
+    refused token_unknown_key because another caller's fetch was still under way)."""
+    verifier = _remote_verifier(jwks_server, clock)
+    new_key = generate_key("ES256", kid="rotated")
+
+    async def scenario() -> list[str]:
+        await verifier.verify(TokenFactory(keys.es256).make())
+        jwks_server.body = jwks([keys.es256, new_key])
+        clock.now += 31
+        tokens = [TokenFactory(new_key, now=clock.now).make(jti=str(i)) for i in range(32)]
+        verified = await asyncio.gather(*(verifier.verify(token) for token in tokens))
+        return [v.subject for v in verified]
+
+    assert asyncio.run(scenario()) == ["client-demo"] * 32
+    assert jwks_server.hits == 2
+
+
+def test_file_reread_is_single_flight_for_concurrent_callers(tmp_path: Path, keys: Keys, clock: Clock) -> None:
+    """Right after a rotation, many callers with the new kid at once: one file read, none refused."""
+    path = write_jwks(tmp_path / "jwks.json", [keys.es256])
+    verifier = TokenVerifier(
+        [TrustedIssuer(ISSUER, AUDIENCE, jwks_file=path)], clock=clock, jwks_file_recheck=timedelta(seconds=0.2)
+    )
+    new_key = generate_key("ES256", kid="new-key")
+    write_jwks(path, [new_key, keys.es256])
+    time.sleep(0.3)  # past the re-read interval: the first caller re-reads, the others must wait for it
+
+    async def scenario() -> list[str]:
+        tokens = [TokenFactory(new_key).make(jti=str(i)) for i in range(32)]
+        return [v.subject for v in await asyncio.gather(*(verifier.verify(token) for token in tokens))]
+
+    assert asyncio.run(scenario()) == ["client-demo"] * 32
 
 
 def test_remote_fetch_failure_keeps_cached_keys(jwks_server: JwksServer, keys: Keys, clock: Clock) -> None:

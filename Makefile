@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos model serve bench clean idp
+.PHONY: demo test lint protos model serve bench clean idp crds
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ $(IDP_STAMP): tests/idp/package.json tests/idp/package-lock.json
 	npm ci --prefix tests/idp --no-audit --no-fund --loglevel=error
 
 idp: $(IDP_STAMP)
+
+# cert-manager's CRD schemas for the manifest test (tests/test_kubernetes_manifests.py).
+CRDS_STAMP := tests/crds/node_modules/.package-lock.json
+$(CRDS_STAMP): tests/crds/package.json tests/crds/package-lock.json
+	npm ci --prefix tests/crds --no-audit --no-fund --loglevel=error
+
+crds: $(CRDS_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -77,14 +77,17 @@ atexit.register(kill_all)
 class Child:
     """A worker process we started: JSON lines on stdin/stdout, stderr kept in a file for errors."""
 
-    def __init__(self, name: str, module: str, args: Sequence[str], workdir: Path, *, pipes: bool = True) -> None:
+    def __init__(self, name: str, module: str, args: Sequence[str], workdir: Path, *, pipes: bool = True,
+                 command: Sequence[str] | None = None, env: dict[str, str] | None = None) -> None:
+        """Runs `python -m module args`, or `command` as given (a peer server from its own venv)."""
         self.name = name
         self.stderr_path = workdir / f"{name}.stderr"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        if env is None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         with self.stderr_path.open("wb") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
+                list(command) if command is not None else [sys.executable, "-m", module, *args],
                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 stderr=stderr,

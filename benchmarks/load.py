@@ -8,7 +8,9 @@ Protocol with the parent (`tools/bench.py`), one JSON object per line:
 
 Calls run from the moment the channel is ready, so the window starts on a warm connection. The
 token comes on stdin, never on the command line (which `ps` shows). Modes: `add` (Calculator.Add),
-`classify` (ClassifyImage), `flood` (Add with tokens signed by a key nobody trusts, made here).
+`classify` (ClassifyImage), `flood` (Add with tokens signed by a key nobody trusts, made here),
+`infer` (Open Inference Protocol ModelInfer with raw input tensors; `plaintext` for a peer server
+that offers no TLS, such as MLServer's gRPC port).
 Every loop is bounded by a request count and a deadline.
 """
 
@@ -30,8 +32,9 @@ from grpc import aio
 
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from aigis.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
-MODES = ("add", "classify", "flood")
+MODES = ("add", "classify", "flood", "infer")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
@@ -49,6 +52,8 @@ class Spec:
     call_timeout: float
     image: dict[str, Any] | None  # classify: data_b64, width, height, model
     forge: dict[str, Any] | None  # flood: issuer, audience, kid, subject, count
+    tensor: dict[str, Any] | None = None  # infer: model, inputs [{name, datatype, shape, data_b64}]
+    plaintext: bool = False  # infer against a server without TLS (MLServer)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Spec:
@@ -67,6 +72,8 @@ class Spec:
             call_timeout=float(data.get("call_timeout", 10.0)),
             image=data.get("image"),
             forge=data.get("forge"),
+            tensor=data.get("tensor"),
+            plaintext=bool(data.get("plaintext", False)),
         )
 
 
@@ -120,6 +127,15 @@ class Load:
                 height=spec.image["height"], model=spec.image["model"], top_k=1,
             )
             return stub.ClassifyImage, request, [[("authorization", f"Bearer {spec.token}")]]
+        if spec.mode == "infer":
+            assert spec.tensor is not None
+            infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            request = grpc_service_pb2.ModelInferRequest(model_name=spec.tensor["model"])
+            for tensor in spec.tensor["inputs"]:
+                request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+                request.raw_input_contents.append(base64.b64decode(tensor["data_b64"]))
+            metadata = [("authorization", f"Bearer {spec.token}")] if spec.token else []
+            return infer.ModelInfer, request, [metadata]
         stub_add = calculator_pb2_grpc.CalculatorStub(channel)
         request = calculator_pb2.AddRequest(a=2, b=3)
         if spec.mode == "flood":
@@ -154,10 +170,15 @@ class Load:
 
     async def run(self) -> dict[str, Any]:
         spec = self.spec
-        credentials = grpc.ssl_channel_credentials(spec.ca.read_bytes(), spec.key.read_bytes(), spec.cert.read_bytes())
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        async with aio.secure_channel(spec.target, credentials, options=options) as channel:
+        if spec.plaintext:  # a peer server on loopback that offers no TLS at all (MLServer)
+            opened = aio.insecure_channel(spec.target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(spec.ca.read_bytes(), spec.key.read_bytes(),
+                                                       spec.cert.read_bytes())
+            opened = aio.secure_channel(spec.target, credentials, options=options)
+        async with opened as channel:
             call, request, metadata = self._call(channel)
             await asyncio.wait_for(channel.channel_ready(), timeout=spec.max_seconds)
             tasks = [asyncio.create_task(self._worker(call, request, metadata, k)) for k in range(spec.in_flight)]

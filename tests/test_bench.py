@@ -200,3 +200,33 @@ def test_server_that_cannot_start_reports_why(tmp_path: Path) -> None:
     with pytest.raises(BenchError, match=r"cannot start.*no model directories"):
         harness.start_servers(("baseline",), empty, pki, tmp_path, "broken")
     assert harness._LIVE == set()
+
+
+def test_infer_quick_run_compares_aigis_with_the_bare_protocol_server(tmp_path: Path) -> None:
+    """`aigis bench --infer --quick`: ModelInfer windows for both kinds, only OK answers, ratios present."""
+    out = tmp_path / "infer.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = cli.main(["--log-level", "WARNING", "bench", "--infer", "--quick", "--seconds", "0.5",
+                         "--json-out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [row["scenario"] for row in report["rows"]] == ["infer-1[digits]", "infer-16[digits]"]
+    for row in report["rows"]:
+        assert set(row["windows"]) == {"baseline", "aigis"}
+        for windows in row["windows"].values():
+            assert all(w["requests"] > 0 and w["errors"] == {} for w in windows)
+        assert row["aigis_vs_baseline"] is not None
+    assert "| infer-16[digits] | req/s |" in stdout.getvalue()
+
+
+def test_mlserver_repository_listens_on_loopback_only(tmp_path: Path) -> None:
+    """The MLServer peer is configured for 127.0.0.1, in-process inference, and our runtime."""
+    from aigis.benchmarks.mlserver import write_repository
+
+    repo, port = write_repository(tmp_path / "repo", "digits", DIGITS / "model.onnx")
+    settings = json.loads((repo / "settings.json").read_text())
+    assert settings["host"] == "127.0.0.1" and settings["grpc_port"] == port and settings["parallel_workers"] == 0
+    model = json.loads((repo / "digits" / "model-settings.json").read_text())
+    assert model["implementation"] == "aigis_onnx_runtime.OnnxRuntime"
+    assert (repo / "digits" / "aigis_onnx_runtime.py").is_file() and (repo / "digits" / "model.onnx").is_file()

@@ -607,6 +607,128 @@ def run_denials(settings: Settings, progress: Callable[[str], None]) -> dict[str
             "table": table, "windows": rows}
 
 
+def infer_tensor(model_dir: Path) -> dict[str, Any]:
+    """A ModelInfer request body for the model: each input at batch 1 (variable dims 1), random FP32."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    inputs = []
+    for arg in session.get_inputs():
+        if arg.type != "tensor(float)":
+            raise BenchError(f"{model_dir}: --infer sends FP32 inputs; {arg.name!r} is {arg.type}")
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
+        data = rng.random(shape, dtype=np.float32).tobytes()
+        inputs.append({"name": arg.name, "datatype": "FP32", "shape": shape,
+                       "data_b64": base64.b64encode(data).decode()})
+    return {"model": model_dir.name, "inputs": inputs}
+
+
+def run_infer(settings: Settings, progress: Callable[[str], None], with_mlserver: bool) -> dict[str, Any]:
+    """ModelInfer (Open Inference Protocol) at 1 and at the highest in-flight level (`--infer`).
+
+    Per model: the bare grpc.aio baseline serving the same protocol and model (no security), aigis's
+    full stack, and with `--mlserver` MLServer (its own venv, benchmarks/mlserver_runtime.py, no TLS,
+    no authentication), in alternating windows within every round.
+    """
+    from aigis.benchmarks.mlserver import MLSERVER_SPEC, ensure_venv, start_mlserver
+
+    started = datetime.now(UTC)
+    machine = machine_info()
+    kinds = (*KINDS, "mlserver") if with_mlserver else KINDS
+    mlserver = ensure_venv(progress) if with_mlserver else None
+    levels = sorted({1, settings.top_in_flight})
+    windows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="aigis-bench-infer-") as tmp:
+        workdir = Path(tmp)
+        suite = Suite(settings, workdir)
+        peers: list[ServerProc] = []
+        try:
+            sources = list(settings.model_dirs)
+            if settings.cnn:
+                sources.append(generate_cnn(workdir / "generated"))
+            setups = []
+            for source in sources:
+                model = prepare_model(source, workdir / "models", settings)
+                pair = suite.pair(model, "off")
+                servers = dict(pair.servers)
+                model_dir = model.dirs["off"] / model.name
+                if mlserver is not None:
+                    progress(f"starting MLServer [{model.name}]")
+                    servers["mlserver"] = start_mlserver(mlserver, model.name, model_dir / "model.onnx", workdir,
+                                                         model.name)
+                    peers.append(servers["mlserver"])
+                setups.append((model.name, servers, pair.token, infer_tensor(model_dir)))
+            for r in range(settings.rounds):
+                for name, servers, token, tensor in setups:
+                    for n in levels:
+                        key = f"infer-{n}[{name}]"
+                        progress(f"round {r + 1}/{settings.rounds}: {key}")
+                        for kind in kinds:
+                            loads = infer_loads(suite, n, None if kind == "mlserver" else token, tensor,
+                                                plaintext=kind == "mlserver")
+                            windows.setdefault(key, {}).setdefault(kind, []).append(
+                                suite.measure(servers[kind], loads))
+        finally:
+            suite.close()
+            for peer in peers:
+                peer.child.stop()
+    rows = []
+    for key, by_kind in windows.items():
+        med = {kind: {f: median_of(w, f) for f in ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req",
+                                                   "other_cpu_util")} for kind, w in by_kind.items()}
+        metric = "p50_ms" if key.startswith("infer-1[") else "rps"
+        row = {"scenario": key, "metric": metric, "median": med, "windows": by_kind,
+               "aigis_vs_baseline": ratio(med["aigis"][metric], med["baseline"][metric])}
+        if "mlserver" in med:
+            row["aigis_vs_mlserver"] = ratio(med["aigis"][metric], med["mlserver"][metric])
+        rows.append(row)
+    return {"schema": SCHEMA_VERSION, "kind": "infer", "started_at": started.isoformat(),
+            "finished_at": datetime.now(UTC).isoformat(), "machine": {**machine, "load_after": list(os.getloadavg())},
+            "settings": {"rounds": settings.rounds, "seconds": settings.seconds, "in_flight": levels,
+                         "client_procs": settings.client_procs, "kinds": list(kinds),
+                         "mlserver": MLSERVER_SPEC if with_mlserver else None},
+            "rows": rows}
+
+
+def infer_loads(suite: Suite, in_flight: int, token: str | None, tensor: dict[str, Any], *,
+                plaintext: bool) -> list[Load]:
+    """The same split over client processes as the other scenarios, in mode `infer`."""
+    s = suite.settings
+    procs = max(1, min(s.client_procs if in_flight >= s.split_at else 1, in_flight))
+    shares = [in_flight // procs + (1 if i < in_flight % procs else 0) for i in range(procs)]
+    client = {"ca": str(suite.pki.ca_cert), "cert": str(suite.pki.client_cert(VALID_CLIENT)),
+              "key": str(suite.pki.client_key(VALID_CLIENT))}
+    return [Load("valid", {"mode": "infer", **client, "token": token, "in_flight": share, "tensor": tensor,
+                           "plaintext": plaintext}) for share in shares]
+
+
+def render_infer(result: dict[str, Any]) -> str:
+    kinds = result["settings"]["kinds"]
+    lines = [f"aigis bench --infer: {result['settings']['rounds']} round(s) x {result['settings']['seconds']:g} s, "
+             f"medians; nproc {result['machine']['nproc']}",
+             "",
+             "| scenario | metric | " + " | ".join(kinds) + " | aigis / baseline |"
+             + (" aigis / mlserver |" if "mlserver" in kinds else ""),
+             "|---|---|" + "---|" * len(kinds) + "---|" + ("---|" if "mlserver" in kinds else "")]
+    for row in result["rows"]:
+        metric = row["metric"]
+        digits = 3 if metric == "p50_ms" else 0
+        cells = " | ".join(fmt(row["median"][k][metric], digits) for k in kinds)
+        line = f"| {row['scenario']} | {'p50 ms' if metric == 'p50_ms' else 'req/s'} | {cells} | " \
+               f"{fmt(row['aigis_vs_baseline'], 2)} |"
+        if "mlserver" in kinds:
+            line += f" {fmt(row.get('aigis_vs_mlserver'), 2)} |"
+        lines.append(line)
+    lines += ["", "server CPU µs/req (medians): " + "; ".join(
+        f"{row['scenario']} " + ", ".join(f"{k} {fmt(row['median'][k]['server_cpu_us_per_req'], 0)}" for k in kinds)
+        for row in result["rows"]),
+        "(mlserver's CPU is its main process only; for a p50 row, lower is better and the ratio below 1 favours "
+        "aigis)"]
+    return "\n".join(lines)
+
+
 def render_denials(result: dict[str, Any]) -> str:
     columns = [("valid_rps", "Add req/s", 0), ("valid_cpu_us", "CPU µs/Add", 0), ("denials_per_s", "denials/s", 0),
                ("denial_cpu_us", "CPU µs/denial", 0), ("denial_p50_ms", "denial p50 ms", 2),
@@ -687,6 +809,11 @@ def _main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         with _terminate_as_exit():
+            if args.infer:
+                result = run_infer(settings, progress, args.mlserver)
+                _write_json(args.json_out, result)
+                print(render_infer(result))
+                return 0
             if args.denials:
                 result = run_denials(settings, progress)
                 _write_json(args.json_out, result)
@@ -737,6 +864,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--retries", type=int,
                    help="measure a window again when other work used over a quarter core during it (default 2)")
     p.add_argument("--json-out", type=Path, default=Path("bench-results.json"), help="where the raw figures go")
+    p.add_argument("--infer", action="store_true",
+                   help="instead of the suite: Open Inference Protocol ModelInfer, aigis vs a bare grpc.aio server "
+                        "serving the same protocol (and MLServer with --mlserver), at 1 and the highest in flight")
+    p.add_argument("--mlserver", action="store_true",
+                   help="with --infer: also MLServer, installed once into its own venv under ~/.cache/aigis-bench")
     p.add_argument("--denials", action="store_true",
                    help="instead of the suite: what each [audit] durability costs denials and valid calls")
     p.add_argument("--profile", type=Path, metavar="OUT.prof",

@@ -6,11 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint protos model serve bench clean idp crds
 
+# Quiet installs, with a line before each slow step so a minute of installing shows progress.
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "==> creating $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "==> upgrading pip"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "==> installing aigis with the [dev] extra into $(VENV) (about a minute on a fresh machine)"
+	@$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+	@echo "==> installed; run: . $(VENV)/bin/activate"
 
 demo: $(STAMP)
 	$(BIN)/aigis demo

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import ECAlgorithm
 
+from aigis.auth import crl as auth_crl
 from aigis.auth.clients import (
     CLIENT_NAME_RE,
     SCOPE_TOKEN_RE,
@@ -39,6 +40,8 @@ from aigis.auth.clients import (
     load_registry,
     save_registry,
 )
+from aigis.auth.crl import CrlError, CrlStatus, build_crl, crl_status, read_ca_cert, read_crl
+from aigis.auth.crl import renew_crl as auth_renew_crl
 from aigis.auth.files import replace_atomically
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths, client_spiffe_id
 
@@ -48,7 +51,7 @@ DEMO_SCOPES = ("calculator:compute", "classifier:predict")
 CA_VALIDITY_DAYS = 3650
 LEAF_VALIDITY_DAYS = 365
 # Every issue/revoke re-signs the CRL; this is how long a CRL stays current if nothing changes.
-CRL_VALIDITY = timedelta(days=90)
+CRL_VALIDITY = auth_crl.CRL_VALIDITY
 # Certificates start slightly in the past so a peer whose clock lags a little still accepts them.
 BACKDATE = timedelta(minutes=5)
 DEFAULT_SERVER_DNS = ("localhost",)
@@ -349,35 +352,18 @@ def _make_leaf(
 def _read_crl(paths: PkiPaths, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
     """The current CRL, refused unless the CA signed it: a forged CRL could un-revoke certificates."""
     try:
-        crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
-    except FileNotFoundError:
-        raise PkiError(f"{paths.crl}: not found (run `aigis certs init` first)") from None
-    except ValueError as exc:
-        raise PkiError(f"{paths.crl}: not a PEM CRL: {exc}") from None
-    ca_public = ca_cert.public_key()
-    if crl.issuer != ca_cert.subject or not isinstance(ca_public, ec.EllipticCurvePublicKey):
-        raise PkiError(f"{paths.crl}: not issued by {paths.ca_cert}")
-    if not crl.is_signature_valid(ca_public):
-        raise PkiError(f"{paths.crl}: signature does not verify with the CA key")
-    return crl
+        return read_crl(paths.crl, ca_cert, paths.ca_cert)
+    except CrlError as exc:
+        raise PkiError(str(exc)) from None
 
 
 def load_crl_serials(paths: PkiPaths) -> frozenset[int]:
     """Serial numbers on the CA's CRL, after checking the CRL's issuer and signature."""
     try:
-        ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-    except FileNotFoundError:
-        raise PkiError(f"{paths.ca_cert}: not found") from None
-    except ValueError as exc:
-        raise PkiError(f"{paths.ca_cert}: not a PEM certificate: {exc}") from None
+        ca_cert = read_ca_cert(paths.ca_cert)
+    except CrlError as exc:
+        raise PkiError(str(exc)) from None
     return frozenset(entry.serial_number for entry in _read_crl(paths, ca_cert))
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int:
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return 0
 
 
 def _write_crl(
@@ -391,30 +377,24 @@ def _write_crl(
     overwrite: bool,
 ) -> None:
     """Re-sign the CRL with every earlier entry kept and `add` (serial, reason) appended."""
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now)
-        .next_update(now + CRL_VALIDITY)
-        # RFC 5280 §5.2.3: conforming CRL issuers MUST include a monotonically increasing CRL number.
-        .add_extension(x509.CRLNumber(1 if previous is None else _crl_number(previous) + 1), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-    )
-    listed: set[int] = set()
-    for entry in previous or ():
-        builder = builder.add_revoked_certificate(entry)
-        listed.add(entry.serial_number)
-    for serial, reason in add:
-        if serial in listed:
-            continue
-        revoked = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
-        if reason is not None:
-            revoked = revoked.add_extension(x509.CRLReason(reason), critical=False)
-        builder = builder.add_revoked_certificate(revoked.build())
-        listed.add(serial)
-    crl = builder.sign(ca_key, hashes.SHA256())
+    crl = build_crl(ca_cert=ca_cert, ca_key=ca_key, previous=previous, add=add, now=now)
     _write_file(paths.crl, crl.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite)
+
+
+def renew_crl(paths: PkiPaths, *, now: datetime) -> CrlStatus:
+    """`aigis certs crl --renew`: the same entries, signed anew (auth.crl.renew_crl)."""
+    _require_aware(now)
+    try:
+        return auth_renew_crl(paths, now=now)
+    except CrlError as exc:
+        raise PkiError(str(exc)) from None
+
+
+def pki_crl_status(paths: PkiPaths) -> CrlStatus:
+    try:
+        return crl_status(paths)
+    except CrlError as exc:
+        raise PkiError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------ JWKS
@@ -675,3 +655,30 @@ def list_clients(paths: PkiPaths) -> list[ClientInfo]:
         )
         for c in _load_registry(paths).clients
     ]
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """A CA or server certificate as `aigis certs list` shows it."""
+
+    role: str  # "ca" or "server"
+    path: Path
+    subject: str
+    serial: str  # hex
+    not_after: datetime
+
+
+def list_pki_certificates(paths: PkiPaths) -> list[CertificateInfo]:
+    """The CA certificate(s) of the bundle and the server certificate, with their expiry."""
+    found: list[CertificateInfo] = []
+    for role, path in (("ca", paths.ca_cert), ("server", paths.server_cert)):
+        try:
+            certificates = x509.load_pem_x509_certificates(path.read_bytes())
+        except FileNotFoundError:
+            raise PkiError(f"{path}: not found (run `aigis certs init` first)") from None
+        except ValueError as exc:
+            raise PkiError(f"{path}: not a PEM certificate: {exc}") from None
+        for cert in certificates if role == "ca" else certificates[:1]:
+            found.append(CertificateInfo(role, path, cert.subject.rfc4514_string(), format(cert.serial_number, "x"),
+                                         cert.not_valid_after_utc))
+    return found

@@ -23,7 +23,6 @@ import binascii
 import dataclasses
 import enum
 import hashlib
-import ipaddress
 import json
 import logging
 import ssl
@@ -71,6 +70,7 @@ from aigis.auth.pki import PkiPaths
 from aigis.auth.throttle import AuthThrottle, ThrottleKey, ThrottleLimits
 from aigis.auth.tls import TlsError, load_tls_material
 from aigis.auth.tokens import KeySetError, parse_jwks
+from aigis.auth.urls import https_base_url
 
 log = logging.getLogger("aigis.issuer")
 
@@ -899,15 +899,6 @@ class ServerTls:
         return context
 
 
-def _url_host(host: str) -> str:
-    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - recognising a wildcard, not binding one
-        return "localhost"
-    try:
-        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
-    except ValueError:
-        return host
-
-
 class IssuerServer:
     """The token endpoint, JWKS and metadata over HTTPS, on an event loop of its own (a thread).
 
@@ -964,7 +955,7 @@ class IssuerServer:
             authenticator.secret_checks.close()
             raise IssuerError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
         try:
-            host_url = f"https://{_url_host(config.host)}:{http.port}"
+            host_url = https_base_url(config.host, http.port)
             issuer_url = config.issuer_url or host_url
             keys = SigningKeys(paths, issuer=issuer_url, audience=config.audience, ttl=config.token_ttl)
             issuer = _Issuer(keys, authenticator, self._clock, self._events)

@@ -33,7 +33,7 @@ from aigis.client_sdk.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from aigis.client_sdk.tokens import ClientCredentials, StaticToken, TokenProvider
+from aigis.client_sdk.tokens import ClientCredentials, StaticToken, TokenProvider, decode_unverified
 from aigis.client_sdk.types import (
     Classification,
     LabelProbability,
@@ -72,4 +72,5 @@ __all__ = [
     "TokenProvider",
     "UnavailableError",
     "UnimplementedError",
+    "decode_unverified",
 ]

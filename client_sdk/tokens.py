@@ -255,3 +255,23 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def _opener(context: ssl.SSLContext) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context), _NoRedirect())
 
+
+
+def decode_unverified(token: str) -> tuple[dict[str, object], dict[str, object]]:
+    """The (header, claims) of a JWS compact token, for display only: the signature is NOT checked.
+
+    `aigis token --decode` shows what the issuer granted; never base a decision on this.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("not a JWS compact token (expected three dot-separated parts)")
+    decoded: list[dict[str, object]] = []
+    for part in parts[:2]:
+        try:
+            value = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise TokenError("not a JWS compact token (header or claims are not base64url JSON objects)")
+        decoded.append(value)
+    return decoded[0], decoded[1]

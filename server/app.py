@@ -31,7 +31,7 @@ from aigis.auth.clients import RegistryError, load_registry
 from aigis.auth.enforcer import Enforcer
 from aigis.auth.guard import Guard, RevokedClients
 from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList, SharedRevocations
-from aigis.auth.issuer import IssuerConfig, IssuerEvents, IssuerServer
+from aigis.auth.issuer import IssuerConfig, IssuerError, IssuerEvents, IssuerServer
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from aigis.auth.policy import ModelRef, Policy
 from aigis.auth.ratelimit import RateLimit, RateLimiter
@@ -44,6 +44,7 @@ from aigis.server import tracing
 from aigis.server.calculator import CalculatorServicer
 from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
+from aigis.server.crl_freshness import CrlFreshness
 from aigis.server.inference import InferenceServicer
 from aigis.server.metrics import Metrics
 from aigis.server.probes import ProbeServer
@@ -252,6 +253,8 @@ class AigisServer:
     inference: InferenceServicer | None = None
     repository: ModelRepository | None = None
     _reload_task: asyncio.Task[None] | None = None
+    crl: CrlFreshness | None = None  # the CRL's nextUpdate watched (and renewed where the CA key is)
+    _crl_task: asyncio.Task[None] | None = None
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
     models: ModelRepository | None = None
     guard: Guard | None = None  # the checks' current policy, CRL and token verifier (readiness)
@@ -288,6 +291,8 @@ class AigisServer:
         guard = self.guard
         checks["policy"] = None if guard is not None and guard.policy is not None else "not loaded"
         checks["crl"] = None if guard is not None and guard.revocations is not None else "not loaded"
+        if checks["crl"] is None and self.crl is not None and self.crl.stale and self.config.stale_crl == "unready":
+            checks["crl"] = "stale: past its nextUpdate"
         missing = await guard.verifier.keys_unavailable() if guard is not None else ["all"]
         checks["token_keys"] = f"no keys for {', '.join(missing)}" if missing else None
         checks["audit"] = None if self.audit.running else "audit writer stopped"
@@ -307,10 +312,11 @@ class AigisServer:
         grace = self.config.grace_seconds if grace is None else grace
         self.draining = True
         await self.health.enter_graceful_shutdown()
-        if self._reload_task is not None:
-            self._reload_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reload_task
+        for task in (self._reload_task, self._crl_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.server.stop(grace)
         if self.classifier is not None:
             self.classifier.close()  # fail anything still queued for a batch, clearly
@@ -359,7 +365,13 @@ async def start_server(config: Config) -> AigisServer:
             events=issuer_events(metrics),
             revocations=shared_crl,
         )
-        await asyncio.to_thread(issuer.start)
+        try:
+            await asyncio.to_thread(issuer.start)
+        except OSError as exc:
+            raise StartupError(f"cannot listen for the token issuer on {config.issuer.listen}: "
+                               f"{exc.strerror or exc}") from None
+        except IssuerError as exc:
+            raise StartupError(f"token issuer: {exc}") from None
     try:
         issuers = trusted_issuers(config, issuer.issuer_url if issuer is not None else None)
         # In a thread: key set files and TLS trust anchors are read here.
@@ -524,6 +536,10 @@ async def start_server(config: Config) -> AigisServer:
     running.guard = guard
     running.models = repository
     running._reload_task = asyncio.create_task(running._reload_loop())
+    # One process renews: a lone server, or worker 0 of `--workers N` (the others only report).
+    running.crl = CrlFreshness(pki, metrics, may_renew=config.worker_id in (None, 0))
+    await running.crl.check()
+    running._crl_task = asyncio.create_task(running.crl.run())
     if config.probes_listen is not None:
         running.probes = ProbeServer(config.probes_listen, running.readiness)
         try:

@@ -13,6 +13,7 @@ docstring for how environment values are spelled).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from aigis.auth.audit import Durability
 from aigis.auth.audit_format import AuditFormat
 from aigis.auth.pki import PkiPaths
 from aigis.auth.tokens import DEFAULT_MAX_LIFETIME
+from aigis.auth.urls import https_base_url
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODELS = PACKAGE_DIR / "models"
@@ -39,6 +41,9 @@ ENV_PREFIX = "AIGIS_"
 ENV_SECTIONS = ("server", "auth", "issuer", "audit", "limits", "metrics", "files", "probes", "log", "tracing")
 LOG_FORMATS = ("text", "json")
 AUDIT_OUTPUTS = ("file", "stdout")
+
+
+STALE_CRL_MODES = ("warn", "unready")
 
 
 class ConfigError(ValueError):
@@ -77,12 +82,17 @@ class IssuerSettings:
 
     enabled: bool = True
     listen: HostPort = HostPort("127.0.0.1", 8443)
-    url: str = ""  # the `iss` value; empty means https://localhost:<port>
+    url: str = ""  # the `iss` value; empty means the listener's own URL, https://127.0.0.1:8443
     audience: str = "aigis"
     token_ttl: timedelta = timedelta(minutes=5)
 
+    def endpoint_url(self, port: int | None = None) -> str:
+        """Where clients reach the issuer (auth.urls: the same rule the running issuer uses)."""
+        return https_base_url(self.listen.host, port if port is not None else self.listen.port)
+
     def issuer_url(self, port: int | None = None) -> str:
-        return self.url or f"https://localhost:{port if port is not None else self.listen.port}"
+        """The `iss` of its tokens: `url` when set, else the endpoint URL."""
+        return self.url or self.endpoint_url(port)
 
 
 @dataclass(frozen=True)
@@ -169,6 +179,9 @@ class Config:
     trust_domain: str = ""
     # RFC 8705: refuse tokens that are not bound to a client certificate (cnf x5t#S256).
     require_bound_tokens: bool = False
+    # A CRL past its nextUpdate is always still enforced and reported; "unready" also fails
+    # /readyz (fail closed: the orchestrator stops routing to this replica), "warn" does not.
+    stale_crl: str = "warn"
     # Server processes sharing the port (SO_REUSEPORT); set by `aigis serve --workers N`.
     workers: int = 1
     # The supervisor restarts a crashed worker (after 0.5 s, doubling to 30 s) unless it crashed
@@ -256,11 +269,13 @@ class _Section:
     which keys were used."""
 
     def __init__(
-        self, table: Mapping[str, Any], prefix: str, base: Path, environ: Mapping[str, str] | None = None
+        self, table: Mapping[str, Any], prefix: str, base: Path, environ: Mapping[str, str] | None = None,
+        seen: set[str] | None = None,
     ) -> None:
         if not isinstance(table, Mapping):
             raise ConfigError(f"{prefix}: expected a table")
         self.table, self.prefix, self.base, self.used = table, prefix, base, set[str]()
+        self.seen = seen  # every key read, dotted with its section: `accepted_keys()` lists them
         self.environ = environ or {}
         self.from_env: set[str] = set()  # keys whose value came from the environment
 
@@ -271,6 +286,8 @@ class _Section:
 
     def get(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
         self.used.add(name)
+        if self.seen is not None:
+            self.seen.add(f"{self.prefix}.{name}" if self.prefix else name)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         variable = environment_variable(self.prefix, name) if self.prefix else ""
         if variable in self.environ:
@@ -322,15 +339,18 @@ class _Section:
             raise ConfigError(f"{stray[0]}: unknown setting (no [{self.prefix}] {stray[0][len(prefix):].lower()})")
 
 
-def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None) -> Config:
+def config_from_mapping(
+    data: Mapping[str, Any], base: Path, environ: Mapping[str, str] | None = None, *, seen: set[str] | None = None
+) -> Config:
     """Validate a parsed TOML document; paths in it are relative to `base`. `environ`'s
-    AIGIS_<SECTION>_<KEY> variables override the document's keys."""
+    AIGIS_<SECTION>_<KEY> variables override the document's keys. `seen` collects every key the
+    loader reads (present or not), for `accepted_keys()`."""
     default = Config()
     env = {k: v for k, v in (environ or {}).items() if k.startswith(ENV_PREFIX)}
-    top = _Section(data, "", base)
+    top = _Section(data, "", base, seen=seen)
 
     def section(name: str) -> _Section:
-        return _Section(top.get(name, dict, {}), name, base, env)
+        return _Section(top.get(name, dict, {}), name, base, env, seen)
 
     server, auth, issuer, audit = section("server"), section("auth"), section("issuer"), section("audit")
     limits_table, metrics, files_table = section("limits"), section("metrics"), section("files")
@@ -352,7 +372,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
     if not 0 <= leeway <= 300:
         raise ConfigError(f"auth.leeway_seconds: must be between 0 and 300, got {leeway!r}")
     externals = tuple(
-        _external_issuer(entry, f"auth.issuers[{i}]", base)
+        _external_issuer(entry, f"auth.issuers[{i}]", base, seen)
         for i, entry in enumerate(auth.get("issuers", list, []))
     )
     issuer_listen = issuer.get("listen", str, None)
@@ -398,6 +418,7 @@ def config_from_mapping(data: Mapping[str, Any], base: Path, environ: Mapping[st
         else None,
         trust_domain=auth.get("trust_domain", str, ""),
         require_bound_tokens=auth.get("require_bound_tokens", bool, False),
+        stale_crl=auth.choice("stale_crl", STALE_CRL_MODES, default.stale_crl),
         external_issuers=externals,
         files=FileLocations(
             **{name: files_table.path(name, None) for name in FileLocations.__dataclass_fields__}
@@ -450,8 +471,8 @@ def _empty(key: str) -> str:
     raise ConfigError(f"{key}: must not be empty")
 
 
-def _external_issuer(entry: Any, prefix: str, base: Path) -> ExternalIssuer:
-    section = _Section(entry, prefix, base)
+def _external_issuer(entry: Any, prefix: str, base: Path, seen: set[str] | None = None) -> ExternalIssuer:
+    section = _Section(entry, prefix, base, seen=seen)
     issuer = section.get("issuer", str, "") or _empty(f"{prefix}.issuer")
     audience = section.get("audience", str, "") or _empty(f"{prefix}.audience")
     jwks_url = section.get("jwks_url", str, None)
@@ -527,3 +548,131 @@ def load_config(path: Path | None, *, environ: Mapping[str, str] | None = None, 
         else:
             raise ConfigError(f"unknown override {name!r}")
     return replace(config, **changes)
+
+
+CONFIG_FILE_NAME = "aigis.toml"
+CONFIG_VARIABLE = "AIGIS_CONFIG"
+
+
+def find_config_file(
+    explicit: Path | None, cwd: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Path | None:
+    """Which file configures this run: `--config FILE`, else $AIGIS_CONFIG, else ./aigis.toml when
+    it exists, else none (the defaults). A named file that is missing is an error at load time."""
+    if explicit is not None:
+        return explicit
+    named = (os.environ if environ is None else environ).get(CONFIG_VARIABLE)
+    if named:
+        return Path(named)
+    candidate = (cwd or Path.cwd()) / CONFIG_FILE_NAME
+    return candidate if candidate.is_file() else None
+
+
+def accepted_keys() -> frozenset[str]:
+    """Every key the loader accepts, dotted (`auth.issuers.jwks_url` for array-of-table entries).
+
+    Found by running the loader itself, so a key added to it is listed without another table to
+    keep in step (tests/test_config_docs.py checks aigis.toml documents each one).
+    """
+    seen: set[str] = set()
+    example = {"issuer": "https://idp.example", "audience": "aigis"}
+    config_from_mapping({"auth": {"issuers": [example]}}, Path("."), {}, seen=seen)
+    keys = {key.replace("[0]", "") for key in seen}
+    tables = {key.rsplit(".", 1)[0] for key in keys if "." in key} | {"auth.issuers"}
+    return frozenset(keys - tables)
+
+
+def _path_text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def config_to_mapping(config: Config) -> dict[str, Any]:
+    """The TOML document that loads as `config` (`aigis config show`); unset optional keys left out."""
+    metrics_listen = config.metrics_listen or Config().metrics_listen
+    document: dict[str, dict[str, Any]] = {
+        "server": {
+            "listen": str(config.listen),
+            "certs": str(config.certs),
+            "models": str(config.models),
+            "max_message_bytes": config.max_message_bytes,
+            "grace_seconds": config.grace_seconds,
+            "drain_seconds": config.drain_seconds,
+            "inference_threads": config.inference_threads,
+            "workers": config.workers,
+            "worker_restart_limit": config.worker_restart_limit,
+            "worker_restart_window_seconds": config.worker_restart_window_seconds,
+        },
+        "auth": {
+            "policy": str(config.policy),
+            "shadow_policy": _path_text(config.shadow_policy),
+            "algorithms": list(config.algorithms),
+            "leeway_seconds": config.leeway.total_seconds(),
+            "jwks_cache_seconds": config.jwks_cache_seconds,
+            "jwks_min_refetch_seconds": config.jwks_min_refetch_seconds,
+            "trust_domain": config.trust_domain,
+            "require_bound_tokens": config.require_bound_tokens,
+            "stale_crl": config.stale_crl,
+        },
+        "issuer": {
+            "enabled": config.issuer.enabled,
+            "listen": str(config.issuer.listen),
+            "url": config.issuer.url,
+            "audience": config.issuer.audience,
+            "token_ttl_seconds": int(config.issuer.token_ttl.total_seconds()),
+        },
+        "audit": {
+            "path": str(config.audit_log),
+            "output": config.audit_output,
+            "hmac_key_file": _path_text(config.audit_hmac_key_file),
+            "max_bytes": config.audit_max_bytes,
+            "queue_size": config.audit_queue_size,
+            "durability": config.audit_durability,
+        },
+        "limits": {name: getattr(config.limits, name) for name in Limits.__dataclass_fields__},
+        "metrics": {"enabled": config.metrics_listen is not None, "listen": str(metrics_listen)},
+        "probes": {"listen": None if config.probes_listen is None else str(config.probes_listen)},
+        "log": {"format": config.log_format},
+        "tracing": {"enabled": config.tracing_enabled, "service_name": config.tracing_service_name},
+        "files": {name: _path_text(getattr(config.files, name)) for name in FileLocations.__dataclass_fields__},
+    }
+    issuers = [
+        {
+            "issuer": e.issuer,
+            "audience": e.audience,
+            "jwks_url": e.jwks_url,
+            "jwks_file": _path_text(e.jwks_file),
+            "ca_file": _path_text(e.ca_file),
+            "token_types": list(e.token_types),
+            "scope_claim": e.scope_claim,
+            "max_token_lifetime_seconds": int(e.max_lifetime.total_seconds()),
+        }
+        for e in config.external_issuers
+    ]
+    if issuers:
+        document["auth"]["issuers"] = [{k: v for k, v in i.items() if v is not None} for i in issuers]
+    return {name: {k: v for k, v in table.items() if v is not None} for name, table in document.items()}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(str(value))
+
+
+def to_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
+    """TOML text for `config_to_mapping`'s shape: tables of scalars and arrays, plus arrays of tables."""
+    lines: list[str] = []
+    for name, table in document.items():
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], Mapping)}
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in nested]
+        for key, entries in nested.items():
+            for entry in entries:
+                lines += ["", f"[[{name}.{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in entry.items())]
+        lines.append("")
+    return "\n".join(lines)

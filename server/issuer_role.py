@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from aigis.auth.issuer import IssuerConfig, IssuerError, IssuerServer
 from aigis.server.app import StartupError, issuer_events
 from aigis.server.config import Config
+from aigis.server.crl_freshness import CrlFreshness
 from aigis.server.metrics import Metrics
 from aigis.server.probes import ProbeServer
 
@@ -53,6 +54,8 @@ class RunningIssuer:
     probes: ProbeServer | None = None
     probes_port: int | None = None
     draining: bool = False
+    crl: CrlFreshness | None = None  # the CRL's nextUpdate watched (and renewed where the CA key is)
+    _crl_task: asyncio.Task[None] | None = None
 
     async def readiness(self) -> dict[str, str | None]:
         """Ready when the signing key and JWK Set load and fit, and not draining."""
@@ -62,10 +65,16 @@ class RunningIssuer:
             checks["signing_keys"] = None
         except Exception:  # IssuerError, or the issuer stopped: either way not ready
             checks["signing_keys"] = "not loaded"
+        if self.crl is not None and self.crl.stale and self.config.stale_crl == "unready":
+            checks["crl"] = "stale: past its nextUpdate"
         return checks
 
     async def stop(self) -> None:
         self.draining = True
+        if self._crl_task is not None:
+            self._crl_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._crl_task
         await asyncio.to_thread(self.issuer.stop)
         await asyncio.to_thread(self.metrics.stop)
         if self.probes is not None:
@@ -81,6 +90,10 @@ async def start_issuer(config: Config) -> RunningIssuer:
     except (IssuerError, ValueError) as exc:
         raise StartupError(f"issuer: {exc}") from None
     running = RunningIssuer(config, issuer, metrics)
+    # The issuer reads the CRL too (revoked clients get no tokens): keep it fresh where the CA key is.
+    running.crl = CrlFreshness(config.pki, metrics, may_renew=True)
+    await running.crl.check()
+    running._crl_task = asyncio.create_task(running.crl.run())
     try:
         if config.metrics_listen is not None:
             running.metrics_port = metrics.serve(config.metrics_listen.host, config.metrics_listen.port)

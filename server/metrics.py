@@ -93,6 +93,14 @@ class Metrics:
             ["method", "result"],
             registry=self.registry,
         )
+        self.crl_next_update = Gauge(
+            "aigis_crl_next_update_timestamp_seconds", "nextUpdate of the CRL in use (POSIX time).",
+            registry=self.registry,
+        )
+        self.crl_stale = Gauge(
+            "aigis_crl_stale", "1 while the CRL in use is past its nextUpdate (still enforced), else 0.",
+            registry=self.registry,
+        )
         self._done: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._shadow: dict[tuple[str, bool, bool], Counter] = {}
 

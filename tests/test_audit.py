@@ -654,7 +654,7 @@ def test_cli_verify_exit_codes_and_report(log_path: Path, key_file: Path, capsys
     assert main(args) == 1
     out = capsys.readouterr().out
     assert f"FAIL {log_path} line 5 seq 25: edited:" in out and "FAILED: 1 chain(s) do not verify (HMAC-SHA256)" in out
-    assert main(["audit", "verify", "--audit-log", str(log_path.with_name("nothing.jsonl"))]) == 1
+    assert main(["audit", "verify", "--audit-log", str(log_path.with_name("nothing.jsonl"))]) == 2
 
 
 def test_cli_verify_warns_about_a_torn_last_line(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -702,8 +702,8 @@ def test_cli_keygen_writes_a_private_key_once(tmp_path: Path, capsys: pytest.Cap
     assert main(["audit", "keygen", str(path)]) == 0
     assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) == 32
     first = path.read_bytes()
-    assert main(["audit", "keygen", str(path)]) == 1
-    assert path.read_bytes() == first and "not overwriting" in capsys.readouterr().out
+    assert main(["audit", "keygen", str(path)]) == 2
+    assert path.read_bytes() == first and "not overwriting" in capsys.readouterr().err
     assert load_hmac_key(path) == first
 
 
@@ -730,8 +730,8 @@ def test_verify_with_the_servers_anchor_catches_records_cut_off_the_end(
     assert f"FAIL {log_path} line 7 seq 7: truncated:" in out and "records 8..10 are cut off the end" in out
     assert main([*args, "--expect-seq", "7", "--expect-chain", chain]) == 1
     assert "anchor_mismatch" in capsys.readouterr().out
-    assert main([*args, "--expect-chain", chain]) == 1
-    assert "--expect-chain needs --expect-seq" in capsys.readouterr().out
+    assert main([*args, "--expect-chain", chain]) == 2
+    assert "--expect-chain needs --expect-seq" in capsys.readouterr().err
 
 
 def test_verify_anchor_names_the_worker_chain(log_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -522,12 +522,12 @@ def test_cli_prints_no_private_key_and_the_secret_exactly_once(
     assert "alice            revoked" in out
 
 
-def test_cli_reports_errors_with_exit_code_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A refused operation exits 1 with a one-line error, not a traceback."""
+def test_cli_reports_errors_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused operation (a usage mistake) exits 2 with a one-line error, not a traceback."""
     root = str(tmp_path / "certs")
     assert cli_main(["certs", "init", "--dir", root]) == 0
-    assert cli_main(["certs", "init", "--dir", root]) == 1
-    assert cli_main(["certs", "revoke", "nobody", "--dir", root]) == 1
+    assert cli_main(["certs", "init", "--dir", root]) == 2
+    assert cli_main(["certs", "revoke", "nobody", "--dir", root]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [
         f"aigis certs: error: {root}/ca.pem already exists; use --force to overwrite it",

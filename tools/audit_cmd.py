@@ -10,6 +10,7 @@ import argparse
 import heapq
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,8 +30,10 @@ from aigis.auth.audit_chain import (
     write_new_key,
 )
 from aigis.auth.audit_format import flat
+from aigis.auth.decision import Reason
 
 DEFAULT_AUDIT_LOG = Path("aigis-audit.jsonl")
+REASON_NAMES = tuple(reason.value for reason in Reason)
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -155,7 +158,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     show = audit_sub.add_parser("show", help="list audit records, oldest first")
     show.add_argument("--audit-log", type=Path, default=DEFAULT_AUDIT_LOG, help="audit log path")
-    show.add_argument("--reason", help="only this reason code (e.g. token_expired)")
+    show.add_argument("--reason", choices=REASON_NAMES, metavar="REASON",
+                      help="only this reason code (e.g. token_expired; one of the README's reason table)")
     show.add_argument("--principal", help="only this principal (e.g. spiffe://aigis.local/client/demo)")
     show.add_argument("--method", help="only RPC methods containing this text")
     show.add_argument("--since", help="only records at or after this time: RFC 3339, or 15m / 2h / 1d ago")
@@ -185,12 +189,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def show_main(args: argparse.Namespace) -> int:
     path: Path = args.audit_log
     if not log_layout(path):
-        print(f"no audit log at {path}")
-        return 1
+        print(f"aigis audit show: no audit log at {path}", file=sys.stderr)
+        return 2
     try:
         since = parse_since(args.since, datetime.now(UTC)) if args.since else None
     except ValueError as exc:
-        print(f"aigis audit show: {exc}")
+        print(f"aigis audit show: {exc}", file=sys.stderr)
         return 2
     # Each writer's file order is the truth; several writers (workers) are merged by time.
     writers = [read_writer_records(writer) for writer in log_layout(path)]
@@ -213,14 +217,14 @@ def verify_main(args: argparse.Namespace) -> int:
     try:
         key = load_hmac_key(args.hmac_key_file) if args.hmac_key_file else None
     except AuditError as exc:
-        print(f"aigis audit verify: {exc}")
-        return 1
+        print(f"aigis audit verify: {exc}", file=sys.stderr)
+        return 2
     if not log_layout(path):
-        print(f"no audit log at {path}")
-        return 1
+        print(f"aigis audit verify: no audit log at {path}", file=sys.stderr)
+        return 2
     if args.expect_chain is not None and args.expect_seq is None:
-        print("aigis audit verify: --expect-chain needs --expect-seq")
-        return 1
+        print("aigis audit verify: --expect-chain needs --expect-seq", file=sys.stderr)
+        return 2
     report = verify_log(path, key)
     print(format_verify(report))
     if args.expect_seq is None:
@@ -243,7 +247,7 @@ def keygen_main(args: argparse.Namespace) -> int:
     try:
         write_new_key(args.file)
     except FileExistsError:
-        print(f"aigis audit keygen: {args.file} exists; not overwriting it")
-        return 1
+        print(f"aigis audit keygen: {args.file} exists; not overwriting it", file=sys.stderr)
+        return 2
     print(f'wrote a new audit HMAC key to {args.file} (mode 0600); set [audit] hmac_key_file = "{args.file}"')
     return 0

@@ -1,4 +1,4 @@
-"""`aigis certs init|issue|revoke|list`: the command line over auth/certs.py.
+"""`aigis certs init|issue|revoke|list|crl`: the command line over auth/certs.py and auth/crl.py.
 
 Only this module prints. It prints paths, serials and fingerprints, never a private key; a client
 secret is printed once, when it is generated, because only its hash is kept.
@@ -7,11 +7,13 @@ secret is printed once, when it is generated, because only its hash is kept.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aigis.auth import certs
+from aigis.auth.crl import CrlStatus
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 
 
@@ -23,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Manage the local CA, server and client certificates, CRL, token-signing key "
         "and OAuth2 client registry.",
     )
-    sub = parser.add_subparsers(dest="certs_command", required=True, metavar="{init,issue,revoke,list}")
+    sub = parser.add_subparsers(dest="certs_command", required=True, metavar="{init,issue,revoke,list,crl}")
 
     init = sub.add_parser("init", help="create the CA, server certificate, CRL, signing key and demo client")
     _add_dir(init)
@@ -64,9 +66,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     revoke.add_argument("name")
     revoke.set_defaults(func=_cmd_revoke)
 
-    listing = sub.add_parser("list", help="list registered clients")
+    listing = sub.add_parser("list", help="list the CA and server certificates, the CRL and the registered clients")
     _add_dir(listing)
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
     listing.set_defaults(func=_cmd_list)
+
+    crl = sub.add_parser("crl", help="show the CRL's freshness; --renew re-signs it (needs the CA key)")
+    _add_dir(crl)
+    crl.add_argument("--renew", action="store_true",
+                     help=f"re-sign the CRL now: same entries, valid {certs.CRL_VALIDITY.days} days from now")
+    crl.add_argument("--json", action="store_true", help="print one JSON object")
+    crl.set_defaults(func=_cmd_crl)
 
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +84,28 @@ def _add_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(exc: Exception) -> int:
+    # A PKI refusal is a usage or configuration problem: a missing file, a name, no --force.
     print(f"aigis certs: error: {exc}", file=sys.stderr)
-    return 1
+    return 2
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%SZ}"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _crl_json(status: CrlStatus, now: datetime) -> dict[str, object]:
+    return {"path": str(status.path), "number": status.number, "this_update": _iso(status.this_update),
+            "next_update": _iso(status.next_update), "revoked": status.revoked, "stale": status.stale(now)}
+
+
+def _crl_line(status: CrlStatus, now: datetime) -> str:
+    state = "STALE (past nextUpdate: renew with `aigis certs crl --renew`)" if status.stale(now) else "current"
+    return (f"CRL #{status.number}  {status.revoked} revoked  updated {_when(status.this_update)}  "
+            f"next update {_when(status.next_update)}  {state}")
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -150,11 +180,45 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
+def _cmd_crl(args: argparse.Namespace) -> int:
+    paths = PkiPaths(args.dir)
+    now = datetime.now(UTC)
     try:
-        clients = certs.list_clients(PkiPaths(args.dir))
+        status = certs.renew_crl(paths, now=now) if args.renew else certs.pki_crl_status(paths)
     except certs.PkiError as exc:
         return _fail(exc)
+    if args.json:
+        print(json.dumps({**_crl_json(status, now), "renewed": args.renew}))
+    else:
+        print(("Renewed: " if args.renew else "") + _crl_line(status, now))
+    return 1 if status.stale(now) else 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    paths = PkiPaths(args.dir)
+    now = datetime.now(UTC)
+    try:
+        certificates = certs.list_pki_certificates(paths)
+        crl = certs.pki_crl_status(paths)
+        clients = certs.list_clients(paths)
+    except certs.PkiError as exc:
+        return _fail(exc)
+    if args.json:
+        print(json.dumps({
+            "certificates": [{"role": c.role, "path": str(c.path), "subject": c.subject, "serial": c.serial,
+                              "not_after": _iso(c.not_after), "expired": c.not_after <= now} for c in certificates],
+            "crl": _crl_json(crl, now),
+            "clients": [{"name": c.name, "spiffe_id": c.spiffe_id, "status": "revoked" if c.revoked else "active",
+                         "secret": c.has_secret, "not_after": _iso(c.not_after), "serial": c.serial,
+                         "scopes": list(c.scopes)} for c in clients],
+        }, indent=2))
+        return 0
+    print(f"{'CERTIFICATE':<12} {'EXPIRES':<21} {'SERIAL':<40} SUBJECT")
+    for c in certificates:
+        expired = "  EXPIRED" if c.not_after <= now else ""
+        print(f"{c.role:<12} {_when(c.not_after):<21} {c.serial:<40} {c.subject}{expired}")
+    print(_crl_line(crl, now))
+    print()
     if not clients:
         print("no clients registered")
         return 0

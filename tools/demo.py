@@ -32,6 +32,10 @@ READY_TIMEOUT_SECONDS = 60.0
 EXPECTED_DENIALS = ("token_missing", "scope_missing", "cert_revoked")
 
 
+class DemoDirectoryError(Exception):
+    """`--dir` names something the demo will not write into; the message says what and why."""
+
+
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
@@ -68,7 +72,8 @@ class ServerProcess:
         self.log.close()
 
 
-def run_demo(work: Path) -> int:
+def run_demo(work: Path, *, keep: bool = True) -> int:
+    """The narrated flow in `work`; `keep` says whether `work` outlives the demo (--dir)."""
     now = datetime.now(UTC)
     pki = PkiPaths(work / "certs")
 
@@ -96,7 +101,11 @@ def run_demo(work: Path) -> int:
     ids = {r["request_id"] for r in records}
     ok = reasons == EXPECTED_DENIALS and all(rid in ids for rid in denials)
     print(f"\n{'OK' if ok else 'UNEXPECTED'}: {len(records)} denied request(s) audited: {', '.join(reasons)}")
-    print(f"   everything is in {work}; read it again with: aigis audit show --audit-log {server.audit_log}")
+    if keep:
+        print(f"   everything is kept in {work}; read the log again with: "
+              f"aigis audit show --audit-log {server.audit_log}")
+    else:
+        print("   the temporary directory is removed now; `aigis demo --dir DIR` keeps everything")
     return 0 if ok else 1
 
 
@@ -163,8 +172,13 @@ def _calls(pki: PkiPaths, target: str, token_url: str) -> list[str]:
 
 def main(directory: Path | None = None) -> int:
     if directory is not None:
+        if directory.exists() and not directory.is_dir():
+            raise DemoDirectoryError(f"--dir {directory} is a file, not a directory")
+        if directory.is_dir() and any(directory.iterdir()):
+            raise DemoDirectoryError(f"--dir {directory} is not empty (a demo never overwrites): "
+                                     "name a new directory, or remove this one")
         directory.mkdir(parents=True, exist_ok=True)
-        return run_demo(directory)
+        return run_demo(directory, keep=True)
     with tempfile.TemporaryDirectory(prefix="aigis-demo-") as tmp:
         os.chmod(tmp, 0o700)
-        return run_demo(Path(tmp))
+        return run_demo(Path(tmp), keep=False)

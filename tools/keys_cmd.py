@@ -6,6 +6,7 @@ Only this module prints. It prints key ids and times, never key material.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     listing = sub.add_parser("list", help="list the published signing keys")
     _add_dir(listing)
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
     listing.set_defaults(func=_cmd_list)
 
 
@@ -54,9 +56,14 @@ def _when(value: datetime | None) -> str:
     return "-" if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%SZ}"
 
 
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def _fail(exc: Exception) -> int:
+    # A refusal here is a usage or configuration problem (missing or unreadable key files).
     print(f"aigis keys: error: {exc}", file=sys.stderr)
-    return 1
+    return 2
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
@@ -84,6 +91,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
         infos = keys.list_signing_keys(PkiPaths(args.dir), now=datetime.now(UTC))
     except PkiError as exc:
         return _fail(exc)
+    if args.json:
+        print(json.dumps([{"kid": k.kid, "status": k.status.value, "created_at": _iso(k.created_at),
+                           "retired_at": _iso(k.retired_at), "prune_after": _iso(k.prune_after)} for k in infos],
+                         indent=2))
+        return 0
     print(f"{'KID':<44} {'STATUS':<9} {'CREATED':<21} {'RETIRED':<21} PRUNE AFTER")
     for k in infos:
         print(

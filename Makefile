@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	@echo "==> upgrading pip"
 	@$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "==> installing aigis with the [dev] extra into $(VENV) (about a minute on a fresh machine)"
-	@$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# setuptools' build warnings (e.g. "Editable installation") are UserWarnings meant for packagers.
+	@PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 	@echo "==> installed; run: . $(VENV)/bin/activate"
 

@@ -32,6 +32,7 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "demo" / "audit.jsonl").read_text().splitlines()]
     assert reasons == ["token_missing", "scope_missing", "cert_revoked"]
     assert "eyJ" not in result.stdout  # no token is ever printed by the demo
+    assert f"everything is kept in {tmp_path / 'demo'}" in result.stdout
 
 
 def test_serve_refuses_an_invalid_config_naming_the_key(tmp_path: Path) -> None:

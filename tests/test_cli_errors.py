@@ -307,3 +307,13 @@ def test_stale_crl_can_fail_readiness(start_stack, tmp_path: Path) -> None:  # t
     paths.ca_key.rename(tmp_path / "ca-key-elsewhere.pem")
     running = start_stack(paths, stale_crl="unready")
     assert running.run(running.server.readiness())["crl"] == "stale: past its nextUpdate"
+
+
+def test_call_reads_aigis_environment_overrides(in_tmp: Path, pki: PkiPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AIGIS_<SECTION>_<KEY> variables reach `call` and `token` as they reach the server."""
+    monkeypatch.setenv("AIGIS_SERVER_LISTEN", "127.0.0.1:6200")
+    monkeypatch.setenv("AIGIS_SERVER_CERTS", str(pki.root))
+    monkeypatch.setenv("AIGIS_ISSUER_URL", "https://issuer.example:9443")
+    settings = client_settings(build_parser().parse_args(["call", "health"]))
+    assert settings.target == "127.0.0.1:6200" and settings.ca == pki.ca_cert
+    assert settings.token_url == "https://issuer.example:9443/oauth2/token"

@@ -65,6 +65,7 @@ import jwt
 from jwt import PyJWK
 
 from aigis.auth.decision import Reason
+from aigis.auth.defaults import DEFAULT_MAX_LIFETIME
 from aigis.auth.jwks import (
     KeySet,
     KeySetError,
@@ -103,8 +104,6 @@ SUPPORTED_ALGORITHMS = frozenset(
 )
 DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
-# The embedded issuer's longest token lifetime (auth/issuer.py MAX_TOKEN_TTL) is 24 h.
-DEFAULT_MAX_LIFETIME = timedelta(hours=24)
 # RFC 8705 §3.1: x5t#S256 is base64url(SHA-256(DER)) without padding: 43 characters.
 _X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")
 

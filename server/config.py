@@ -24,8 +24,8 @@ from typing import Any
 
 from aigis.auth.audit import Durability
 from aigis.auth.audit_format import AuditFormat
+from aigis.auth.defaults import DEFAULT_MAX_LIFETIME
 from aigis.auth.pki import PkiPaths
-from aigis.auth.tokens import DEFAULT_MAX_LIFETIME
 from aigis.auth.urls import https_base_url
 
 PACKAGE_DIR = Path(__file__).resolve().parent

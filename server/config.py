@@ -623,6 +623,7 @@ def config_to_mapping(config: Config) -> dict[str, Any]:
         "audit": {
             "path": str(config.audit_log),
             "output": config.audit_output,
+            "format": config.audit_format.value,
             "hmac_key_file": _path_text(config.audit_hmac_key_file),
             "max_bytes": config.audit_max_bytes,
             "queue_size": config.audit_queue_size,

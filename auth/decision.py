@@ -45,15 +45,17 @@ class Reason(enum.StrEnum):
     NO_MATCHING_RULE = "no_matching_rule"  # no allow rule matched (default deny)
     # Identified and allowed, but over its request budget: RESOURCE_EXHAUSTED.
     RATE_LIMITED = "rate_limited"  # the principal's token bucket is empty
+    STREAM_LIMIT = "stream_limit"  # the principal already holds its maximum of concurrent streams
 
 
 # The one place a deny reason becomes a status code. Unidentified -> UNAUTHENTICATED,
 # identified but not allowed -> PERMISSION_DENIED.
+_OVER_BUDGET = {Reason.RATE_LIMITED, Reason.STREAM_LIMIT}
 _PERMISSION_DENIED = {Reason.SCOPE_MISSING, Reason.POLICY_DENIED, Reason.NO_MATCHING_RULE}
 REASON_STATUS: dict[Reason, grpc.StatusCode] = {
     reason: (
         grpc.StatusCode.RESOURCE_EXHAUSTED
-        if reason is Reason.RATE_LIMITED
+        if reason in _OVER_BUDGET
         else grpc.StatusCode.UNAVAILABLE
         if reason is Reason.TOKEN_KEYS_UNAVAILABLE
         else grpc.StatusCode.PERMISSION_DENIED

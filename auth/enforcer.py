@@ -23,6 +23,7 @@ from aigis.auth.audit import AuditLog, rfc3339_now
 from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
 from aigis.auth.guard import Guard, Verdict
 from aigis.auth.policy import ANY_MODEL, AuditCondition, CallModel, ModelRef
+from aigis.auth.streams import StreamSlots
 
 log = logging.getLogger("aigis.enforcer")
 
@@ -56,8 +57,10 @@ class Enforcer:
         on_denial: DenialObserver | None = None,
         on_shadow: ShadowObserver | None = None,
         trace_id: TraceIdSource | None = None,
+        streams: StreamSlots | None = None,
     ) -> None:
         self._guard = guard
+        self._streams = streams
         self._audit = audit
         self._on_denial = on_denial
         self._on_shadow = on_shadow
@@ -101,6 +104,19 @@ class Enforcer:
             _CALLER.set((verdict, context.invocation_metadata() or ()))
             return verdict
         await self._deny(method, context, verdict, shared_id or new_request_id(), model)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    async def hold_stream(self, method: str, context: aio.ServicerContext, verdict: Verdict,
+                          model: CallModel = None) -> Callable[[], None] | None:
+        """An allowed streaming call takes one of its principal's stream slots; the returned callable
+        gives it back when the call ends. Over the cap: audited denial `stream_limit` (raises)."""
+        if self._streams is None or verdict.identity is None:
+            return None
+        release = self._streams.acquire(verdict.identity.principal)
+        if release is not None:
+            return release
+        decision = Decision.deny(Reason.STREAM_LIMIT, verdict.decision.policy_name, verdict.decision.matched_rule)
+        await self._deny(method, context, Verdict(decision, verdict.identity, verdict.token), new_request_id(), model)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     def may_use(self, method: str, model: ModelRef) -> bool:

@@ -35,6 +35,7 @@ from aigis.auth.issuer import IssuerConfig, IssuerError, IssuerEvents, IssuerSer
 from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from aigis.auth.policy import ModelRef, Policy
 from aigis.auth.ratelimit import RateLimit, RateLimiter
+from aigis.auth.streams import StreamSlots
 from aigis.auth.tls import TlsCredentialStore, TlsError
 from aigis.auth.tokens import TokenVerifier, TrustedIssuer
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
@@ -438,6 +439,7 @@ async def start_server(config: Config) -> AigisServer:
         on_denial=metrics.denial_observer,
         on_shadow=metrics.shadow_observer,
         trace_id=tracing.current_trace_id if tracer is not None else None,
+        streams=StreamSlots(config.limits.max_streams_per_principal),
     )
     classifiers = repository.classifiers()
     security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics,

@@ -139,6 +139,8 @@ class Limits:
     max_metadata_bytes: int = 16 * 1024  # request headers, tokens included (gRPC's own hard limit)
     max_concurrent_streams: int = 100  # per connection
     max_stream_messages: int = 10_000  # per client stream (Sum, RunningSum, ClassifyStream, ...)
+    # Streaming calls one principal may hold open at once in one process (across its connections).
+    max_streams_per_principal: int = 64
     max_connection_age_seconds: float = 3600.0  # then the client reconnects (and re-handshakes)
     max_connection_age_grace_seconds: float = 30.0
     max_connection_idle_seconds: float = 600.0
@@ -457,6 +459,7 @@ def _limits(section: _Section) -> Limits:
         max_metadata_bytes=section.positive("max_metadata_bytes", d.max_metadata_bytes, int),
         max_concurrent_streams=section.positive("max_concurrent_streams", d.max_concurrent_streams, int),
         max_stream_messages=section.positive("max_stream_messages", d.max_stream_messages, int),
+        max_streams_per_principal=section.positive("max_streams_per_principal", d.max_streams_per_principal, int),
         max_connection_age_seconds=section.positive("max_connection_age_seconds", d.max_connection_age_seconds),
         max_connection_age_grace_seconds=section.positive(
             "max_connection_age_grace_seconds", d.max_connection_age_grace_seconds

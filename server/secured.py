@@ -151,7 +151,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
             async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                await enforce(method, context, started, call_model(request))
+                release = await enforce(method, context, started, call_model(request), streaming=True)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -159,6 +159,9 @@ class SecurityInterceptor(aio.ServerInterceptor):
                     raise
                 except Exception as exc:
                     await fail(method, context, exc, started)
+                finally:
+                    if release is not None:
+                        release()
                 if metrics is not None:
                     metrics.done(method, "OK", perf_counter() - started)
 
@@ -176,13 +179,16 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(request: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            await enforce(method, context, started, call_model(request))
+            release = await enforce(method, context, started, call_model(request), streaming=request_streaming)
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
                 raise
             except Exception as exc:
                 await fail(method, context, exc, started)
+            finally:
+                if release is not None:
+                    release()
             metrics.done(method, "OK", perf_counter() - started)
             return response
 
@@ -215,10 +221,13 @@ class SecurityInterceptor(aio.ServerInterceptor):
         return unary_checked
 
     async def _enforce(self, method: str, context: aio.ServicerContext, started: float,
-                       model: CallModel = None) -> None:
-        """Enforce; a denied call's duration and code are counted before its abort propagates."""
+                       model: CallModel = None, *, streaming: bool = False) -> Callable[[], None] | None:
+        """Enforce (and for a stream take one of its principal's slots: the returned release); a
+        denied call's duration and code are counted before its abort propagates."""
         try:
-            _OPEN_VERDICT.set(await self._enforcer.enforce(method, context, model))
+            verdict = await self._enforcer.enforce(method, context, model)
+            _OPEN_VERDICT.set(verdict)
+            return await self._enforcer.hold_stream(method, context, verdict, model) if streaming else None
         except aio.AbortError:
             if self._metrics is not None:
                 code = context.code()

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from calls import RPC_KINDS, bearer, channel, issuer_token, numbers, run
+from calls import RPC_KINDS, assert_denied, bearer, channel, issuer_token, numbers, run
 
 from aigis.calculator.v1 import calculator_pb2 as calc
 from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
@@ -134,3 +134,37 @@ def test_limits_do_not_disturb_normal_calls(start_stack: Any, kind: str) -> None
     stack = start_stack()
     with channel(stack, "demo") as ch:
         assert RPC_KINDS[kind](ch, bearer(issuer_token(stack, "demo"))) is not None
+
+
+def test_concurrent_streams_per_principal_are_capped_across_connections(start_stack: Any) -> None:
+    """With max_streams_per_principal=3, a principal's 4th open stream (on any connection) is refused
+    RESOURCE_EXHAUSTED and audited `stream_limit`; other principals and unary calls are unaffected;
+    a slot comes back when a stream ends."""
+    stack = limited(start_stack, max_streams_per_principal=3)
+    demo = bearer(issuer_token(stack, "demo"))
+    other = bearer(issuer_token(stack, "calc-only"))
+    release = threading.Event()
+
+    def held_open() -> Any:
+        release.wait(15)
+        yield calc.Number(value=1)
+
+    channels = [channel(stack, "demo") for _ in range(3)]  # one stream per connection: not gRPC's per-connection cap
+    try:
+        held = [calc_grpc.CalculatorStub(ch).Sum.future(held_open(), metadata=demo, timeout=15) for ch in channels]
+        time.sleep(0.5)
+        before = len(stack.audit_records())
+        with channel(stack, "demo") as ch:
+            fourth = run(lambda: calc_grpc.CalculatorStub(ch).Sum(iter(numbers([1])), metadata=demo, timeout=10))
+            assert_denied(stack, before, fourth, grpc.StatusCode.RESOURCE_EXHAUSTED, "stream_limit")
+            assert calc_grpc.CalculatorStub(ch).Add(calc.AddRequest(a=1, b=1), metadata=demo, timeout=10).sum == 2
+        with channel(stack, "calc-only") as ch:
+            assert calc_grpc.CalculatorStub(ch).Sum(iter(numbers([1, 2])), metadata=other, timeout=10).sum == 3
+        release.set()
+        assert [f.result(timeout=15).sum for f in held] == [1, 1, 1]
+        with channel(stack, "demo") as ch:
+            assert calc_grpc.CalculatorStub(ch).Sum(iter(numbers([4])), metadata=demo, timeout=10).sum == 4
+    finally:
+        release.set()
+        for ch in channels:
+            ch.close()

@@ -13,7 +13,7 @@ import signal
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from calls import issuer_token
 from conftest import make_pki
 from cryptography.hazmat.primitives import serialization
-from flood import Seen, add_load
+from flood import Seen, add_load, aio_channel
 from serve_proc import Served, serve
 
 from aigis.auth.audit import read_records
@@ -30,6 +30,8 @@ from aigis.auth.audit_chain import verify_log
 from aigis.auth.clients import load_registry
 from aigis.auth.issuer import TokenService
 from aigis.auth.signing_keys import rotate_signing_key
+from aigis.calculator.v1 import calculator_pb2 as calc
+from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
 
 pytestmark = pytest.mark.reliability
 
@@ -186,3 +188,58 @@ def test_key_rotation_under_load_refuses_no_valid_call(start_stack: Any, monkeyp
     print(f"\nkey rotation x{ROTATIONS} with {CALLERS} new-kid callers at once + old-token load: {dict(totals)}")
     assert set(totals) == {"OK"}, totals
     assert totals["OK"] >= ROTATIONS * CALLERS
+
+
+NEVER_READ_STREAMS = 200  # asked for by one principal, over 4 connections
+NEVER_READ_MESSAGES = 2_000  # each stream sends this many and reads no answer
+MEMORY_BUDGET_MB = 64  # stated in the README: what never-reading streams may add to the server's RSS
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_never_reading_streams_stay_within_a_memory_budget_while_valid_calls_are_served(tmp_path: Path) -> None:
+    """One principal opens 200 bidi streams that send and never read: 64 are served (the per-principal
+    cap, default), the rest refused stream_limit; flow control holds the writers (grpc.aio awaits each
+    write), so the server's memory stays under budget, and another principal's calls are served."""
+    pki, _ = make_pki(tmp_path / "certs", datetime.now(UTC))
+    served = serve(tmp_path, pki, tmp_path / "audit.jsonl", name="noread")
+    token = issuer_token(served.stack(), "demo")
+    other = issuer_token(served.stack(), "calc-only")
+    metadata = (("authorization", f"Bearer {token}"),)
+    before = rss_mb(served.proc.pid)
+
+    async def scenario() -> tuple[float, Seen]:
+        channels = [aio_channel(served.target, pki, "demo") for _ in range(4)]
+
+        async def numbers() -> AsyncIterator[calc.Number]:
+            for _ in range(NEVER_READ_MESSAGES):
+                yield calc.Number(value=1)
+
+        calls = [calc_grpc.CalculatorStub(channels[i % 4]).RunningSum(numbers(), metadata=metadata, timeout=60)
+                 for i in range(NEVER_READ_STREAMS)]  # fmt: skip
+        await asyncio.sleep(5)  # the streams send what flow control lets through; nobody reads
+        peak = rss_mb(served.proc.pid)
+        seen = await add_load(served.target, pki, client="calc-only", token=other, in_flight=4, seconds=2)
+        peak = max(peak, rss_mb(served.proc.pid))
+        for call in calls:
+            call.cancel()
+        for ch in channels:
+            await ch.close()
+        return peak, seen
+
+    try:
+        peak, seen = asyncio.run(scenario())
+        refused = metric(served.info["metrics_port"], "aigis_denials_total", 'reason="stream_limit"')
+    finally:
+        assert served.kill(signal.SIGTERM) == 0, served.output()
+    p50 = sorted(seen.latencies)[len(seen.latencies) // 2] * 1000
+    print(f"\n{NEVER_READ_STREAMS} never-reading streams x {NEVER_READ_MESSAGES} messages from one principal: "
+          f"{NEVER_READ_STREAMS - refused:.0f} served, {refused:.0f} refused stream_limit; server RSS "
+          f"{before:.0f} -> {peak:.0f} MB (+{peak - before:.0f}); another principal meanwhile: "
+          f"{dict(seen.codes)}, p50 {p50:.1f} ms")
+    assert refused == NEVER_READ_STREAMS - 64
+    assert peak - before < MEMORY_BUDGET_MB
+    assert set(seen.codes) == {"OK"} and seen.codes["OK"] > 50

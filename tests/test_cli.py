@@ -136,3 +136,40 @@ def test_call_infer_server_refusal_is_one_line(stack: Any, tmp_path: Path, capsy
     assert main([*_call_args(stack), "infer", "digits", "--input", f"pixels={tmp_path / 'x.npy'}"]) == 1
     err = capsys.readouterr().err
     assert "input 'pixels': shape [1, 63]" in err and "request_id=" in err
+
+
+HOSTILE_VALUES = [
+    pytest.param("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m", id="ansi-colour"),
+    pytest.param("\x1b]0;pwned\x07", "\\x1b]0;pwned\\x07", id="osc-title-and-bell"),
+    pytest.param("a\nforged-row  token_expired", "a\\x0aforged-row  token_expired", id="newline-forges-a-row"),
+    pytest.param("over\rwrite", "over\\x0dwrite", id="carriage-return"),
+    pytest.param("\x9b31m", "\\x9b31m", id="c1-csi"),
+    pytest.param("\x7fdel\x00nul\x08bs", "\\x7fdel\\x00nul\\x08bs", id="del-nul-backspace"),
+    pytest.param("admin\u202egnp.exe", "admin\\u202egnp.exe", id="bidi-override"),
+    pytest.param("zero\u200bwidth\u2028sep", "zero\\u200bwidth\\u2028sep", id="zero-width-and-line-separator"),
+    pytest.param("tag\U000e0041", "tag\\U000e0041", id="unicode-tag-character"),
+    pytest.param("lit\\x1b", "lit\\\\x1b", id="literal-backslash-stays-unambiguous"),
+    pytest.param("café-ü-字", "café-ü-字", id="printable-unicode-kept"),
+]
+
+
+@pytest.mark.parametrize(("value", "shown"), HOSTILE_VALUES)
+def test_audit_show_escapes_control_characters_and_json_stays_exact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, shown: str
+) -> None:
+    """A hostile client_id/principal reaches the terminal escaped, one row per record; --json is exact."""
+    record = {"timestamp": "2026-01-01T00:00:00Z", "reason": "token_expired", "rpc_method": "/m",
+              "principal": value, "client_id": value, "request_id": "r1"}  # fmt: skip
+    log = tmp_path / "audit.jsonl"
+    log.write_text(json.dumps(record) + "\n")
+    assert main(["audit", "show", "--audit-log", str(log)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) == 3  # header, the one record, the count
+    assert all(ch == "\n" or ch.isprintable() for ch in out)
+    assert lines[1].count(shown) == 2
+    assert main(["audit", "show", "--audit-log", str(log), "--summary"]) == 0
+    summary = capsys.readouterr().out
+    assert all(ch == "\n" or ch.isprintable() for ch in summary) and shown in summary
+    assert main(["audit", "show", "--audit-log", str(log), "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [record]

@@ -78,9 +78,36 @@ def select(
     return chosen
 
 
+def terminal_safe(value: str) -> str:
+    """`value` with every character a terminal would act on or hide escaped, Python-style.
+
+    Audit records carry remote input (a principal, an external issuer's client_id): an escape
+    sequence must not reach the terminal, nor a newline forge a table row. Control characters (C0,
+    DEL, C1), format characters (bidi overrides, zero-width), line/paragraph separators and other
+    non-printables become \\xNN / \\uNNNN / \\UNNNNNNNN; a backslash is doubled, so the text stays
+    unambiguous. `--json` output needs none of this: JSON escapes control characters itself.
+    """
+    if value.isprintable() and "\\" not in value:
+        return value
+    out = []
+    for char in value:
+        code = ord(char)
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     columns = ("timestamp", "reason", "rpc_method", "principal", "client_id", "request_id")
-    rows = [[str(r.get(c) or "-") for c in columns] for r in records]
+    rows = [[terminal_safe(str(r.get(c) or "-")) for c in columns] for r in records]
     widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
@@ -122,23 +149,24 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
 
 
 def _count_table(title: str, rows: list[tuple[str, int]]) -> list[str]:
-    width = max([len(title), *(len(name) for name, _ in rows)])
-    return [f"{title.ljust(width)}  COUNT", *(f"{name.ljust(width)}  {count}" for name, count in rows)]
+    safe = [(terminal_safe(name), count) for name, count in rows]
+    width = max([len(title), *(len(name) for name, _ in safe)])
+    return [f"{title.ljust(width)}  COUNT", *(f"{name.ljust(width)}  {count}" for name, count in safe)]
 
 
 def format_summary(summary: Summary) -> str:
     lines = [*_count_table("REASON", summary.by_reason), "", *_count_table("PRINCIPAL", summary.by_principal), ""]
     lines.append(f"{summary.denials} denial(s)")
     if summary.lost:
-        detail = ", ".join(f"{reason} {count}" for reason, count in summary.lost_by_reason)
+        detail = ", ".join(f"{terminal_safe(reason)} {count}" for reason, count in summary.lost_by_reason)
         lines.append(f"{summary.lost} record(s) lost to audit overflow (by reason: {detail})")
     return "\n".join(lines)
 
 
 def format_verify(report: VerifyReport) -> str:
     """One line per problem and warning, then the verdict."""
-    lines = [f"FAIL {problem}" for problem in report.problems]
-    lines += [f"warning: {warning}" for warning in report.warnings]
+    lines = [f"FAIL {terminal_safe(problem)}" for problem in report.problems]
+    lines += [f"warning: {terminal_safe(warning)}" for warning in report.warnings]
     files = sum(len(chain.files) for chain in report.chains)
     records = sum(chain.records for chain in report.chains)
     kind = "HMAC-SHA256" if report.keyed else "SHA-256 (unkeyed)"

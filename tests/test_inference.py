@@ -190,6 +190,12 @@ def _typed_x(values: list[float], shape: list[int], field: str = "fp32_contents"
     return request
 
 
+def _typed_model_request(bytes_input: np.ndarray) -> pb.ModelInferRequest:
+    """A request for the `typed` model: `bytes_input` as in_BYTES, 1x1 zeros for the others."""
+    return infer_request("typed", {f"in_{t}": bytes_input if t == "BYTES" else np.zeros((1, 1), DATATYPES[t].dtype)
+                                   for t in IDENTITY_TYPES if t != "FP16"})
+
+
 INVALID = {
     "unknown-input": (lambda: _bad(lambda r: setattr(r.inputs[0], "name", "nope")), "input 'nope': the model has no"),
     "missing-input": (lambda: pb.ModelInferRequest(model_name="affine"), "input 'x': missing"),
@@ -206,6 +212,10 @@ INVALID = {
                      "raw data has 36 bytes"),
     "shape-claims-too-many": (lambda: _bad(lambda r: r.inputs[0].shape.__setitem__(0, 10**9)), "input 'x': "),
     "huge-shape-product": (lambda: _bad(lambda r: r.inputs[0].shape.__setitem__(0, 2**61)), "elements; at most"),
+    "too-many-bytes-elements": (lambda: _typed_model_request(np.full((1, 70_000), b"", dtype=object)),
+                                "input 'in_BYTES': 70000 elements; at most 65536 per BYTES tensor"),
+    "typed-far-too-many-values": (lambda: _typed_x([1.0] * 20_000, [2, 4]),
+                                  "input 'x': 20000 values in fp32_contents; shape [2, 4] needs 8"),
     "raw-and-typed": (lambda: _bad(lambda r: r.inputs[0].contents.fp32_contents.append(1.0)),
                       "input 'x': has both contents and raw_input_contents"),
     "raw-count-mismatch": (lambda: _bad(lambda r: r.raw_input_contents.append(b"")),
@@ -215,9 +225,7 @@ INVALID = {
     "typed-count": (lambda: _typed_x([1.0] * 7, [2, 4]), "input 'x': 7 values in fp32_contents; shape [2, 4] needs 8"),
     "typed-wrong-field": (lambda: _typed_x([1] * 8, [2, 4], "int_contents"),
                           "input 'x': datatype FP32 is carried in fp32_contents, not int_contents"),
-    "bytes-not-utf8": (lambda: infer_request("typed", {f"in_{t}": np.array([[b"\xff"]], dtype=object) if t == "BYTES"
-                                                       else np.zeros((1, 1), DATATYPES[t].dtype)
-                                                       for t in IDENTITY_TYPES if t != "FP16"}),
+    "bytes-not-utf8": (lambda: _typed_model_request(np.array([[b"\xff"]], dtype=object)),
                        "input 'in_BYTES': the model takes text; BYTES elements must be UTF-8"),
     "unknown-output": (lambda: _bad(lambda r: r.outputs.add(name="z")), "output 'z': the model has no such output"),
     "duplicate-output": (lambda: _bad(lambda r: (r.outputs.add(name="y"), r.outputs.add(name="y"))),

@@ -32,6 +32,8 @@ class TensorError(ValueError):
 # contents and shapes whose product would otherwise only be checked against the data afterwards.
 MAX_ELEMENTS = 64 * 1024 * 1024
 MAX_RANK = 16
+# BYTES elements are converted one by one (each may be empty, so 8 MiB could hold millions).
+MAX_BYTES_ELEMENTS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +134,9 @@ def _check_shape(name: str, spec: TensorSpec, shape: Sequence[int]) -> int:
             raise TensorError(f"input {name!r}: shape {list(shape)} does not match the model's "
                                   f"{list(spec.shape)} (-1: any size)")
     count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        raise TensorError(f"input {name!r}: {count} elements; at most {MAX_ELEMENTS} per tensor")
+    limit = MAX_BYTES_ELEMENTS if spec.datatype == "BYTES" else MAX_ELEMENTS
+    if count > limit:
+        raise TensorError(f"input {name!r}: {count} elements; at most {limit} per {spec.datatype} tensor")
     return count
 
 

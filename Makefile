@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint protos model serve bench clean idp crds
+.PHONY: demo test static lint protos model serve bench clean idp crds
 
 # Quiet installs, with a line before each slow step so a minute of installing shows progress.
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -25,6 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m aigis.tools.gen_protos --check
+	$(MAKE) --no-print-directory static
 	$(BIN)/python -m pytest
 
 # The real external IdP the tests start (node's oidc-provider, pinned by tests/idp/package-lock.json).
@@ -41,6 +42,14 @@ $(CRDS_STAMP): tests/crds/package.json tests/crds/package-lock.json
 	npm ci --prefix tests/crds --no-audit --no-fund --loglevel=error
 
 crds: $(CRDS_STAMP)
+
+# Layer contracts (import-linter) and types (mypy) over the tree the wheel installs: neither tool
+# can follow setuptools' editable-install finder, so both check what users get.
+static: $(STAMP)
+	rm -rf build/pkg && mkdir -p build
+	$(BIN)/python -m pip install --quiet --no-deps --target build/pkg . 2>build/pkg.log || (cat build/pkg.log; exit 1)
+	cd build/pkg && PYTHONPATH=. ../../$(BIN)/lint-imports ../../pyproject.toml
+	cd build/pkg && PYTHONPATH=. ../../$(BIN)/mypy --config-file ../../pyproject.toml -p aigis
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -61,4 +70,4 @@ serve: $(STAMP)
 	$(BIN)/aigis serve
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info build

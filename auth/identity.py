@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from aigis.auth.decision import Reason
@@ -54,7 +54,7 @@ class IdentityError(Exception):
 def identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
     """Name the caller: SPIFFE ID first (workload identity), then DNS name, then subject."""
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         dns = tuple(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
@@ -97,7 +97,7 @@ class ClientCertificatePolicy:
             raise IdentityError(Reason.CERT_INVALID, f"client verifier: {exc}") from None
         # The verifier checks the EKU only when present; a client certificate must state its purpose.
         try:
-            purposes = leaf.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+            purposes = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             raise IdentityError(Reason.CERT_INVALID, "no extendedKeyUsage: clientAuth is required") from None
         if ExtendedKeyUsageOID.CLIENT_AUTH not in purposes:

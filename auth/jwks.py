@@ -134,8 +134,10 @@ async def fetch_json(url: str, context: ssl.SSLContext) -> Any:
         raise FetchError(f"{url}: HTTP error ({type(exc).__name__})") from None
     try:
         return json.loads(body)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise FetchError(f"{url}: not JSON ({exc.msg} at position {exc.pos})") from None
+    except ValueError:
+        raise FetchError(f"{url}: not JSON (undecodable text)") from None
 
 
 def _verify_message(exc: aiohttp.ClientConnectorCertificateError) -> str:

@@ -428,9 +428,9 @@ class TokenVerifier:
         for keys, key_set in zip(files, loaded, strict=True):
             changed |= key_set.digest != keys.key_set.digest
             keys.key_set = key_set
-        for _, keys, _ in self._issuers.values():
-            if isinstance(keys, RemoteKeys):
-                keys.expire()
+        for _, issuer_keys, _ in self._issuers.values():
+            if isinstance(issuer_keys, RemoteKeys):
+                issuer_keys.expire()
         if changed:
             self.clear_cache()
 

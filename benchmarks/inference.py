@@ -162,8 +162,10 @@ def measure_raw(model_dir: Path, batch_sizes: list[int], seconds: float, threads
         except Exception as exc:  # a graph with a fixed batch of 1 refuses larger batches
             throughput[str(size)] = {"error": type(exc).__name__}
             continue
-        runs, elapsed = _run_threads(lambda data=data: session.run(outputs, {config.input_name: data}),
-                                     threads, seconds, max_runs)
+        def run_once(data: np.ndarray = data) -> object:
+            return session.run(outputs, {config.input_name: data})
+
+        runs, elapsed = _run_threads(run_once, threads, seconds, max_runs)
         throughput[str(size)] = {"images_per_second": runs * size / elapsed, "runs": runs}
     return {
         "batch1_latency_us": {

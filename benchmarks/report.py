@@ -39,7 +39,9 @@ def scenario_result(scenario: dict[str, Any], rounds: list[dict[str, Any]]) -> d
     """Medians over rounds per kind, and aigis/baseline ratios of each figure."""
     result: dict[str, Any] = {**scenario, "status": "ok", "rounds": rounds}
     if scenario["family"] == "flood":
-        med = {k: {part: medians([r[k][part] for r in rounds]) for part in ("alone", "flooded")} for k in KINDS}
+        med: dict[str, Any] = {
+            k: {part: medians([r[k][part] for r in rounds]) for part in ("alone", "flooded")} for k in KINDS
+        }
         kept = {k: ratio(med[k]["flooded"]["rps"], med[k]["alone"]["rps"]) for k in KINDS}
         flooded = {k: [r[k]["flooded"].get("flood", {}) for r in rounds] for k in KINDS}
         flood_rps = {k: median_of(flooded[k], "rps") for k in KINDS}
@@ -48,8 +50,9 @@ def scenario_result(scenario: dict[str, Any], rounds: list[dict[str, Any]]) -> d
                       ratio={"kept": ratio(kept["aigis"], kept["baseline"]),
                              "rps_flooded": ratio(med["aigis"]["flooded"]["rps"], med["baseline"]["flooded"]["rps"])})
         return result
-    med = {k: medians([r[k] for r in rounds]) for k in KINDS}
-    result.update(median=med, ratio={key: ratio(med["aigis"][key], med["baseline"][key]) for key in FIGURES[:4]},
+    by_kind = {k: medians([r[k] for r in rounds]) for k in KINDS}
+    ratios = {key: ratio(by_kind["aigis"][key], by_kind["baseline"][key]) for key in FIGURES[:4]}
+    result.update(median=by_kind, ratio=ratios,
                   spread={k: spread([r[k][scenario["metric"]] for r in rounds]) for k in KINDS})
     return result
 

@@ -21,28 +21,27 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
+
+from aigis.auth.pki import PkiPaths
+from aigis.client_sdk import ClientCredentials
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _token(pki: object, issuer_url: str) -> str:
-    sys.path.insert(0, str(REPO / "tests"))
-    from calls import issuer_token
-
-    stack = SimpleNamespace(
-        token_url=issuer_url + "/oauth2/token",
-        client_files=lambda name: (pki.ca_cert, pki.client_cert(name), pki.client_key(name)),  # type: ignore[attr-defined]
+def _token(pki: PkiPaths, issuer_url: str) -> str:
+    """A real access token for client "demo" from the embedded issuer (client credentials over mTLS)."""
+    credentials = ClientCredentials(
+        issuer_url + "/oauth2/token", ca=pki.ca_cert, cert=pki.client_cert("demo"), key=pki.client_key("demo")
     )
-    return issuer_token(stack, "demo")
+    return credentials.token()
 
 
-def one_round(pki: object, work: Path, workers: int, clients: int, in_flight: int, seconds: float) -> float:
+def one_round(pki: PkiPaths, work: Path, workers: int, clients: int, in_flight: int, seconds: float) -> float:
     ready = work / f"ready-{workers}-{time.monotonic_ns()}.json"
     with (work / "serve.log").open("a") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "aigis.tools.cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
-             "--certs", str(pki.root), "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0",  # type: ignore[attr-defined]
+             "--certs", str(pki.root), "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0",
              "--metrics-listen", "off", "--audit-log", str(work / "audit.jsonl"), "--ready-file", str(ready)],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -56,8 +55,8 @@ def one_round(pki: object, work: Path, workers: int, clients: int, in_flight: in
         info = json.loads(ready.read_text())
         token = _token(pki, info["issuer_url"])
         spec = {
-            "mode": "add", "target": info["target"], "ca": str(pki.ca_cert),  # type: ignore[attr-defined]
-            "cert": str(pki.client_cert("demo")), "key": str(pki.client_key("demo")),  # type: ignore[attr-defined]
+            "mode": "add", "target": info["target"], "ca": str(pki.ca_cert),
+            "cert": str(pki.client_cert("demo")), "key": str(pki.client_key("demo")),
             "token": token, "in_flight": in_flight, "max_requests": 2_000_000, "max_seconds": seconds + 60,
             "call_timeout": 10.0, "image": None, "forge": None,
         }  # fmt: skip
@@ -104,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=32)
     args = parser.parse_args(argv)
     from aigis.auth.certs import init_pki
-    from aigis.auth.pki import PkiPaths
 
     with tempfile.TemporaryDirectory(prefix="aigis-workers-") as tmp:
         work = Path(tmp)

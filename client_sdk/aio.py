@@ -289,7 +289,7 @@ class AsyncClient:
         except aio.AioRpcError as exc:
             failure = exc
         else:
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
         raise error_from_rpc(failure) from None
 
     # Plumbing

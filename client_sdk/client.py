@@ -220,7 +220,7 @@ class Client:
         except grpc.RpcError as exc:
             failure = exc
         else:
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
         raise error_from_rpc(failure) from None
 
     # Plumbing

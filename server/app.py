@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from cryptography import x509
 from grpc import aio
@@ -36,7 +36,7 @@ from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
 from aigis.auth.policy import ModelRef, Policy
 from aigis.auth.ratelimit import RateLimit, RateLimiter
 from aigis.auth.streams import StreamSlots
-from aigis.auth.tls import TlsCredentialStore, TlsError
+from aigis.auth.tls import TlsCredentialStore, TlsError, TlsMaterial
 from aigis.auth.tokens import TokenVerifier, TrustedIssuer
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
@@ -183,7 +183,10 @@ def client_certificate_policy(config: Config, pki: PkiPaths) -> ClientCertificat
     return ClientCertificatePolicy(anchors, trust_domain)
 
 
-class FileWatcher:
+T = TypeVar("T")
+
+
+class FileWatcher(Generic[T]):
     """Reloads a file when it changes; a broken new file is refused, the last good kept.
 
     "Changes" means its (device, inode, size, mtime) changed, following symlinks: a Kubernetes
@@ -194,8 +197,8 @@ class FileWatcher:
     def __init__(
         self,
         path: Path,
-        load: Callable[[], object],
-        apply: Callable[[object], None],
+        load: Callable[[], T],
+        apply: Callable[[T], None],
         refused: Callable[[Path], None] | None = None,
     ) -> None:
         self.path, self._load, self._apply, self._refused = path, load, apply, refused
@@ -491,19 +494,19 @@ async def start_server(config: Config) -> AigisServer:
     def apply_crl(value: object) -> None:
         guard.revocations = shared_crl.current = value  # type: ignore[assignment]
 
-    def load_tls() -> object:
+    def load_tls() -> TlsMaterial:
         material = tls.read()
         metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
         return material
 
-    def apply_tls(value: object) -> None:
-        tls.stage(value)  # type: ignore[arg-type]
+    def apply_tls(value: TlsMaterial) -> None:
+        tls.stage(value)
 
-    def load_ca() -> object:
+    def load_ca() -> tuple[TlsMaterial, ClientCertificatePolicy]:
         return load_tls(), client_certificate_policy(config, pki)
 
-    def apply_ca(value: object) -> None:
-        material, cert_policy = value  # type: ignore[misc]
+    def apply_ca(value: tuple[TlsMaterial, ClientCertificatePolicy]) -> None:
+        material, cert_policy = value
         tls.stage(material)
         guard.identities = IdentityCache(cert_policy)  # new anchors; no verdict kept from the old ones
 
@@ -513,7 +516,7 @@ async def start_server(config: Config) -> AigisServer:
         verifier.clear_cache()
 
     jwks_files = sorted({i.jwks_file for i in issuers if i.jwks_file is not None})
-    watchers = [
+    watchers: list[FileWatcher[Any]] = [
         FileWatcher(config.policy, lambda: Policy.load(config.policy), apply_policy, refused),
         *(
             [FileWatcher(path, lambda: Policy.load(path), apply_shadow, refused)]

@@ -248,7 +248,7 @@ def pixels_to_input(pixels: np.ndarray, config: ModelConfig) -> np.ndarray:
     if pixels.ndim != 4 or pixels.shape[1:] != expected:
         raise ValueError(f"pixels must be shaped (N, {expected[0]}, {expected[1]}[, {expected[2]}]), "
                          f"got {pixels.shape}")
-    x = pixels.astype(np.float32) * np.float32(config.scale)
+    x: np.ndarray = pixels.astype(np.float32) * np.float32(config.scale)
     x = (x - np.asarray(config.mean, dtype=np.float32)) / np.asarray(config.std, dtype=np.float32)
     if config.layout is Layout.FLAT:
         x = x.reshape(len(x), -1)

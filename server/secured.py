@@ -59,7 +59,7 @@ class SecuredRegistrar:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         secured = {name: self._security.wrap_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
         self.methods += [f"/{service}/{name}" for name in handlers]
-        self._server.add_registered_method_handlers(service, secured)  # type: ignore[attr-defined]
+        self._server.add_registered_method_handlers(service, secured)
 
     def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
         secured = tuple(_SecuredGenericHandler(g, self._security) for g in generic_handlers)
@@ -77,7 +77,7 @@ class _SecuredGenericHandler(grpc.GenericRpcHandler):
         handler = self._inner.service(handler_call_details)
         if handler is None:
             return None
-        return self._security.wrap_handler(handler_call_details.method, handler)  # type: ignore[attr-defined]
+        return self._security.wrap_handler(handler_call_details.method, handler)
 
 
 class SecurityInterceptor(aio.ServerInterceptor):
@@ -111,19 +111,19 @@ class SecurityInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return None
-        return self.wrap_handler(handler_call_details.method, handler)  # type: ignore[attr-defined]
+        return self.wrap_handler(handler_call_details.method, handler)
 
     def wrap_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The secured version of `handler` (built once per method and handler, then reused)."""
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = grpc.experimental.wrap_server_method_handler(  # type: ignore[attr-defined]
+        wrapped = grpc.experimental.wrap_server_method_handler(
             lambda behavior: self._traced(method, self._wrap_behavior(method, behavior, handler.request_streaming)),
             handler,
         )
         self._wrapped[method] = (handler, wrapped)
-        return wrapped  # type: ignore[no-any-return]
+        return wrapped
 
     def _traced(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         """Outermost: the span covers the checks, the servicer and the error mapping."""
@@ -189,7 +189,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
             finally:
                 if release is not None:
                     release()
-            metrics.done(method, "OK", perf_counter() - started)
+            if metrics is not None:
+                metrics.done(method, "OK", perf_counter() - started)
             return response
 
         return checked

@@ -181,7 +181,7 @@ def format_verify(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     audit = subparsers.add_parser("audit", help="read the audit log of denied requests")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     show = audit_sub.add_parser("show", help="list audit records, oldest first")

@@ -481,7 +481,7 @@ def limit_results(settings: Settings, suite: Suite, scenarios: list[dict[str, An
     out = []
     top = settings.top_in_flight
     for model in suite.models:
-        base = {"model": model.name}
+        base: dict[str, Any] = {"model": model.name}
         null = null_rounds.get(model.name) or []
         raw_entry = next((r for r in raw if r["model"] == model.name and r.get("status") == "ok"), None)
         measured = [s for s in scenarios if s["status"] == "ok" and s["model"] == model.name

@@ -99,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.workers > 1:
         from aigis.server.workers import run_workers
 
-        def workers_ready(infos: list) -> None:  # type: ignore[type-arg]
+        def workers_ready(infos: list[Any]) -> None:
             first = infos[0]
             if config.log_format == "text":
                 print(f"aigis: {len(infos)} workers serving on {config.listen.host}:{first.port}, "

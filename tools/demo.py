@@ -138,8 +138,8 @@ def _calls(pki: PkiPaths, target: str, token_url: str) -> list[str]:
     try:
         calculator_pb2_grpc.CalculatorStub(channel).Add(calculator_pb2.AddRequest(a=1, b=1), timeout=10)
     except grpc.RpcError as err:
-        rid = dict(err.trailing_metadata() or ()).get("aigis-request-id", "")  # type: ignore[attr-defined]
-        print(f"   no token          -> {err.code().name}: {err.details()} (request {rid})")  # type: ignore[attr-defined]
+        rid = dict(err.trailing_metadata() or ()).get("aigis-request-id", "")
+        print(f"   no token          -> {err.code().name}: {err.details()} (request {rid})")
         denied.append(rid)
     finally:
         channel.close()

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"stale: {p}", file=sys.stderr)
         return 1 if problems else 0
-    for p in write():
-        print(f"wrote {p}")
+    for path in write():
+        print(f"wrote {path}")
     return 0
 
 

@@ -99,7 +99,7 @@ class _Slot:
         self.peer = peer
         self.head_done = False
         self.task: asyncio.Task[None] | None = None  # until the handshake completes
-        self.transport: asyncio.BaseTransport | None = None  # after it
+        self.transport: asyncio.Transport | None = None  # after it
         self._release: Callable[[_Slot], None] | None = release
 
     def release(self) -> None:

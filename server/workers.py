@@ -182,7 +182,7 @@ def _supervise(
         timeout = max(0.0, min([SUPERVISOR_TICK_SECONDS, *(t - now for t in waiting)]))
         running = {w.process.sentinel: w for w in pool if w.restart_at is None}
         for sentinel in multiprocessing.connection.wait(list(running), timeout):
-            worker = running[sentinel]  # type: ignore[index]
+            worker = running[sentinel]
             worker.process.join()
             if stopping():
                 return False

@@ -38,7 +38,7 @@ class OnnxRuntime(MLModel):
         self._session = ort.InferenceSession(uri, sess_options=options, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnx")
-        trial = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
+        trial: dict[str, np.ndarray] = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
                                   dtype=_NUMPY.get(i.type, np.float32)) for i in self._session.get_inputs()}
         timings = []
         for _ in range(5):

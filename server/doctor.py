@@ -74,8 +74,8 @@ def check_certificates(pki: PkiPaths, now: datetime) -> list[Check]:
         clients = load_registry(pki.clients_registry).clients
     except RegistryError as exc:
         return [*checks, Check("client certificates", Status.WARN, str(exc))]
-    active = [c for c in clients if not c.revoked and c.not_after is not None]
-    expiring = sorted((c.not_after, c.name) for c in active if c.not_after - now < EXPIRY_WARNING)  # type: ignore[operator]
+    active = [(c.not_after, c.name) for c in clients if not c.revoked and c.not_after is not None]
+    expiring = sorted((when, name) for when, name in active if when - now < EXPIRY_WARNING)
     if expiring:
         names = ", ".join(f"{name} ({_remaining(when, now)})" for when, name in expiring)
         checks.append(Check("client certificates", Status.WARN, f"expiring or expired: {names}"))

@@ -223,9 +223,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("no clients registered")
         return 0
     print(f"{'NAME':<16} {'STATUS':<8} {'SECRET':<6} {'EXPIRES':<10} {'SERIAL':<40} SCOPES")
-    for c in clients:
-        expires = "-" if c.not_after is None else f"{c.not_after:%Y-%m-%d}"
-        status = "revoked" if c.revoked else "active"
-        secret = "yes" if c.has_secret else "no"
-        print(f"{c.name:<16} {status:<8} {secret:<6} {expires:<10} {c.serial:<40} {' '.join(c.scopes)}")
+    for client in clients:
+        expires = "-" if client.not_after is None else f"{client.not_after:%Y-%m-%d}"
+        status = "revoked" if client.revoked else "active"
+        secret = "yes" if client.has_secret else "no"
+        print(f"{client.name:<16} {status:<8} {secret:<6} {expires:<10} {client.serial:<40} {' '.join(client.scopes)}")
     return 0

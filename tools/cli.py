@@ -319,7 +319,7 @@ def _outputs_result(outputs: dict[str, Any], save_dir: Path | None) -> tuple[Any
 # ---------------------------------------------------------------------------------------- the tree
 
 
-def _register_optional(sub: argparse._SubParsersAction, module: str, command: str, help_text: str) -> None:  # type: ignore[type-arg]
+def _register_optional(sub: argparse._SubParsersAction, module: str, command: str, help_text: str) -> None:
     """Register `aigis.tools.<module>`'s command; on a client-only install, a stub naming the extra."""
     try:
         importlib.import_module(f"aigis.tools.{module}").register(sub)

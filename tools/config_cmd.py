@@ -14,7 +14,7 @@ from pathlib import Path
 from aigis.server.config import ConfigError, config_to_mapping, find_config_file, load_config, to_toml
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("config", help="show or check the configuration `aigis serve` would use")
     sub = parser.add_subparsers(dest="config_command", required=True)
     show = sub.add_parser("show", help="print the effective configuration, defaults included, as TOML")

@@ -12,7 +12,7 @@ from aigis.server.config import ConfigError, find_config_file, load_config
 from aigis.server.doctor import Status, run_checks
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "doctor",
         help="check certificates, CRL, policy, signing keys, JWKS URLs, ports and clock skew",

@@ -28,6 +28,8 @@ from aigis.auth.streams import StreamSlots
 log = logging.getLogger("aigis.enforcer")
 
 REQUEST_ID_KEY = "aigis-request-id"
+# A denied request-streaming call also carries its status code name in the response headers.
+STATUS_HEADER = "aigis-status"
 
 #: Called once per denied call with (method, decision), before the abort: the server counts it.
 DenialObserver = Callable[[str, Decision], None]
@@ -66,11 +68,13 @@ class Enforcer:
         self._on_shadow = on_shadow
         self._trace_id = trace_id
 
-    async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None) -> Verdict:
+    async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None, *,
+                      request_streaming: bool = False) -> Verdict:
         """Return the verdict when the call may proceed; otherwise audit and abort it (raises).
 
         `model` is the model the call names (None: it names none; ANY_MODEL: a stream whose
-        messages name it, each then judged by `enforce_model`)."""
+        messages name it, each then judged by `enforce_model`). `request_streaming`: the denial is
+        also announced in the response headers (STATUS_HEADER), see `_deny`."""
         try:
             verdict = await self._guard.check(method, context, model)
         except Exception:
@@ -78,9 +82,9 @@ class Enforcer:
             request_id = new_request_id()
             log.exception("check failed for %s (request %s); denying", method, request_id)
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
-            await self._deny(method, context, verdict, request_id, model)
+            await self._deny(method, context, verdict, request_id, model, announce=request_streaming)
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
-        return await self._settle(method, context, verdict, model)
+        return await self._settle(method, context, verdict, model, announce=request_streaming)
 
     async def enforce_model(self, method: str, context: aio.ServicerContext, verdict: Verdict,
                             model: ModelRef) -> Verdict:
@@ -95,7 +99,8 @@ class Enforcer:
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
         return await self._settle(method, context, verdict, model)
 
-    async def _settle(self, method: str, context: aio.ServicerContext, verdict: Verdict, model: CallModel) -> Verdict:
+    async def _settle(self, method: str, context: aio.ServicerContext, verdict: Verdict, model: CallModel, *,
+                      announce: bool = False) -> Verdict:
         # A dry-run record and the enforced record of the same call share one request id.
         shared_id = self._dry_run(method, context, verdict, model) if verdict.shadow is not None else None
         if verdict.decision.allowed:
@@ -103,11 +108,11 @@ class Enforcer:
                 self._audit.record(self._record(method, context, verdict, shared_id or new_request_id(), model))
             _CALLER.set((verdict, context.invocation_metadata() or ()))
             return verdict
-        await self._deny(method, context, verdict, shared_id or new_request_id(), model)
+        await self._deny(method, context, verdict, shared_id or new_request_id(), model, announce=announce)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     async def hold_stream(self, method: str, context: aio.ServicerContext, verdict: Verdict,
-                          model: CallModel = None) -> Callable[[], None] | None:
+                          model: CallModel = None, *, request_streaming: bool = False) -> Callable[[], None] | None:
         """An allowed streaming call takes one of its principal's stream slots; the returned callable
         gives it back when the call ends. Over the cap: audited denial `stream_limit` (raises)."""
         if self._streams is None or verdict.identity is None:
@@ -116,7 +121,8 @@ class Enforcer:
         if release is not None:
             return release
         decision = Decision.deny(Reason.STREAM_LIMIT, verdict.decision.policy_name, verdict.decision.matched_rule)
-        await self._deny(method, context, Verdict(decision, verdict.identity, verdict.token), new_request_id(), model)
+        denied = Verdict(decision, verdict.identity, verdict.token)
+        await self._deny(method, context, denied, new_request_id(), model, announce=request_streaming)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     def may_use(self, method: str, model: ModelRef) -> bool:
@@ -152,7 +158,10 @@ class Enforcer:
         return record
 
     async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
-                    model: CallModel = None) -> None:
+                    model: CallModel = None, *, announce: bool = False) -> None:
+        """Audit (durably), count, abort. `announce`: the client may still be sending its request
+        stream, and grpc.aio clients can then lose the status (grpc/grpc#36066); the code and the
+        request id also go out in the response headers, which those clients always receive."""
         code = verdict.decision.status
         if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
             # A denial the client sees is on disk first (auth.audit.Durability); if it cannot be
@@ -162,6 +171,8 @@ class Enforcer:
                 code = grpc.StatusCode.UNAVAILABLE
         if self._on_denial is not None:
             self._on_denial(method, verdict.decision)
+        if announce:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id), (STATUS_HEADER, code.name)))
         await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
 
 

@@ -5,11 +5,13 @@ mutual TLS, one refresh-and-retry on UNAUTHENTICATED for replayable requests. No
 event loop: certificate files, image paths and token fetches are read in a thread. Request streams
 accept sync or async iterables; only a list or tuple is replayed.
 
-Known grpc.aio limitation (grpc/grpc#36066, grpcio 1.85): when the server ends a bidirectional
-stream (`running_sum`, `classify_stream`) while requests are still being written — a refused token,
-or a bad item mid-stream — grpc.aio may report INTERNAL instead of the server's status. The SDK
-raises `StatusLostError` then, and cannot retry, since the refusal is invisible. The blocking
-`Client` is not affected; client-streaming calls (`sum`) are not affected either.
+Known grpc.aio limitation (grpc/grpc#36066, grpcio 1.85): when the server ends a request stream
+while requests are still being written, grpc.aio may report INTERNAL "Internal error from Core"
+instead of the server's status. aigis's server repeats a denial's code and request id in the
+response headers of request-streaming calls, which arrive regardless, so the SDK reports the real
+status and request id (and refreshes a refused token and retries, as for any call). Only a stream
+ended by anything else mid-way (a bad item after answers were sent) can still surface as
+`StatusLostError`. The blocking `Client` is not affected.
 """
 
 # ruff: noqa: ASYNC109 - `timeout` is the gRPC deadline sent to the server, not a local asyncio timeout.
@@ -44,7 +46,13 @@ from aigis.client_sdk._common import (
     stream_reply,
     trace_metadata,
 )
-from aigis.client_sdk.errors import StatusLostError, error_from_rpc, status_lost
+from aigis.client_sdk.errors import (
+    REQUEST_ID_KEY,
+    StatusLostError,
+    error_from_rpc,
+    status_from_headers,
+    status_lost,
+)
 from aigis.client_sdk.tokens import TokenProvider
 from aigis.client_sdk.types import Classification, ModelInfo, ModelMetadata, SumResult
 from aigis.inference import grpc_service_pb2 as inference_pb2
@@ -310,10 +318,11 @@ class AsyncClient:
         for attempt in (1, 2):
             token = await asyncio.to_thread(self._provider.token)
             request = payload()
+            unary_call = method(request, timeout=deadline.remaining(), metadata=trace_metadata())
             try:
-                return await method(request, timeout=deadline.remaining(), metadata=trace_metadata())
+                return await unary_call
             except aio.AioRpcError as exc:
-                failure = exc
+                failure = await _recovered(exc, unary_call)
             except asyncio.CancelledError:
                 # grpc.aio cancels the call when the request iterable raises; surface that error
                 # instead. A genuine cancellation of our task propagates unchanged.
@@ -340,7 +349,7 @@ class AsyncClient:
                     yield reply
                 return
             except aio.AioRpcError as exc:
-                failure = exc
+                failure = await _recovered(exc, call)
             except asyncio.CancelledError:
                 _reraise_request_error(request)
                 raise
@@ -364,6 +373,24 @@ async def _image_bytes(image: ImageSource) -> bytes:
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
     return await asyncio.to_thread(read_image, image)
+
+
+async def _recovered(exc: aio.AioRpcError, call: Any) -> aio.AioRpcError:
+    """The server's own status for a call whose status grpc.aio lost (grpc/grpc#36066): a denied
+    request stream repeats it, with the request id, in the response headers (which always arrive).
+    Any other failure is returned as it is."""
+    if not status_lost(exc):
+        return exc
+    try:
+        announced = status_from_headers(await call.initial_metadata())
+    except (aio.AioRpcError, AttributeError):
+        return exc
+    if announced is None:
+        return exc
+    code, request_id = announced
+    trailers = aio.Metadata((REQUEST_ID_KEY, request_id)) if request_id else aio.Metadata()
+    return aio.AioRpcError(code, aio.Metadata(), trailers, details=f"{code.name} (status read from the response "
+                           "headers: grpc.aio lost the trailers, grpc/grpc#36066)")  # fmt: skip
 
 
 def _reraise_request_error(request: _Payload) -> None:

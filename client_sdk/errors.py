@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 
 REQUEST_ID_KEY = "aigis-request-id"
+# The server repeats a denied request stream's status code name here, in the response headers.
+STATUS_HEADER = "aigis-status"
 # A request id is a short opaque string; anything longer is not ours and is not worth carrying.
 _MAX_REQUEST_ID = 128
 
@@ -103,8 +105,9 @@ class InternalError(AigisError):
 class StatusLostError(InternalError):
     """The server ended a bidirectional stream while the asyncio client was still sending, and
     grpc.aio replaced the server's status with INTERNAL "Internal error from Core" (grpc/grpc#36066,
-    unfixed in grpcio 1.85): the real code and request id are gone. Not retried, since the SDK
-    cannot tell whether the token was refused. The blocking `Client` reports such statuses correctly."""
+    unfixed in grpcio 1.85), and the response headers did not repeat it (aigis repeats it for
+    denials, so this is left for streams ended mid-way for other reasons): the real code and request
+    id are gone. Not retried. The blocking `Client` reports such statuses correctly."""
 
 
 class TokenError(AigisError):
@@ -180,6 +183,17 @@ def status_lost(exc: grpc.RpcError) -> bool:
         and isinstance(debug, str)
         and "SendMessageOperation" in debug
     )
+
+
+def status_from_headers(initial_metadata: Iterable[Any] | None) -> tuple[grpc.StatusCode, str | None] | None:
+    """The (code, request id) a denied request stream announced in its response headers, if any:
+    what the server said, when grpc.aio lost the status itself."""
+    headers = {key: value for key, value in initial_metadata or () if isinstance(value, str)}
+    code = getattr(grpc.StatusCode, headers.get(STATUS_HEADER, ""), None)
+    if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+        return None
+    request_id = headers.get(REQUEST_ID_KEY)
+    return code, request_id[:_MAX_REQUEST_ID] if request_id else None
 
 
 def _safe(exc: grpc.RpcError, name: str) -> Any:

@@ -151,7 +151,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
             async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                release = await enforce(method, context, started, call_model(request), streaming=True)
+                release = await enforce(method, context, started, call_model(request), streaming=True,
+                                        request_streaming=request_streaming)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -179,7 +180,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(request: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            release = await enforce(method, context, started, call_model(request), streaming=request_streaming)
+            release = await enforce(method, context, started, call_model(request), streaming=request_streaming,
+                                    request_streaming=request_streaming)
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
@@ -222,13 +224,18 @@ class SecurityInterceptor(aio.ServerInterceptor):
         return unary_checked
 
     async def _enforce(self, method: str, context: aio.ServicerContext, started: float,
-                       model: CallModel = None, *, streaming: bool = False) -> Callable[[], None] | None:
+                       model: CallModel = None, *, streaming: bool = False,
+                       request_streaming: bool = False) -> Callable[[], None] | None:
         """Enforce (and for a stream take one of its principal's slots: the returned release); a
         denied call's duration and code are counted before its abort propagates."""
         try:
-            verdict = await self._enforcer.enforce(method, context, model)
+            verdict = await self._enforcer.enforce(method, context, model, request_streaming=request_streaming)
             _OPEN_VERDICT.set(verdict)
-            return await self._enforcer.hold_stream(method, context, verdict, model) if streaming else None
+            if not streaming:
+                return None
+            return await self._enforcer.hold_stream(
+                method, context, verdict, model, request_streaming=request_streaming
+            )
         except aio.AbortError:
             if self._metrics is not None:
                 code = context.code()

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -669,8 +670,8 @@ def test_refused_token_is_replaced_and_call_retried_once(
     assert denials == ["token_expired"]
 
 
-# grpc.aio may report a refusal on a bidirectional stream as INTERNAL (StatusLostError, grpc/grpc#36066),
-# so the asyncio retry is specified for the shapes whose status it reports faithfully.
+# grpc.aio may still lose a bidirectional stream's status and its headers (~1 %, see
+# test_async_client_reports_the_real_status_of_denied_request_streams); a single-call test on it would flake.
 AIO_RETRY_CALLS = [case for case in RETRY_CALLS if case.id not in {"bidi-list", "classify-stream"}]
 
 
@@ -741,3 +742,48 @@ def test_retry_happens_at_most_once(stack: RunningStack) -> None:
         sdk.add(1, 2)
     assert len(provider.invalidated) == 2
     assert [r["reason"] for r in new_audit_records(stack, before)] == ["token_expired", "token_expired"]
+
+
+DENIED_STREAMS = 100
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        pytest.param("running_sum", lambda s: _drain(s.running_sum(range(200))), id="bidi"),
+        pytest.param("sum", lambda s: s.sum(range(200)), id="client-streaming"),
+    ],
+)
+def test_async_client_reports_the_real_status_of_denied_request_streams(
+    stack: RunningStack, name: str, call: Callable[[Any], Any]
+) -> None:
+    """grpc.aio can lose the status of a request stream the server ends while the client still sends
+    (grpc/grpc#36066: 66 of 100 denied bidi calls before); the server repeats a denial in the
+    response headers, so denied streams report UNAUTHENTICATED with the request id the audit log
+    has. A rare few (~1 %, with client and server sharing one process's GIL) lose the headers too:
+    those stay StatusLostError, never a wrong status."""
+    before = len(stack.audit_records())
+
+    async def scenario() -> list[AigisError]:
+        errors = []
+        async with async_client(stack, StaticToken("bm90LWEtand0")) as sdk:
+            for _ in range(DENIED_STREAMS):
+                with pytest.raises(AigisError) as caught:
+                    await call(sdk)
+                errors.append(caught.value)
+        return errors
+
+    errors = run(scenario())
+    kinds = Counter(type(e).__name__ for e in errors)
+    print(f"\nAsyncClient.{name}: {DENIED_STREAMS} denied streams -> {dict(kinds)}, "
+          f"{sum(bool(e.request_id) for e in errors)} with a request id")
+    assert set(kinds) <= {"AuthenticationError", "StatusLostError"}, kinds
+    assert kinds["AuthenticationError"] >= DENIED_STREAMS * 0.95, kinds
+    assert all(e.request_id for e in errors if isinstance(e, AuthenticationError))
+    audited = {r["request_id"] for r in new_audit_records(stack, before) if r["reason"] == "token_malformed"}
+    assert {e.request_id for e in errors if e.request_id} <= audited and len(audited) >= DENIED_STREAMS
+
+
+async def _drain(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass

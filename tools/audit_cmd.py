@@ -165,8 +165,8 @@ def format_summary(summary: Summary) -> str:
 
 def format_verify(report: VerifyReport) -> str:
     """One line per problem and warning, then the verdict."""
-    lines = [f"FAIL {terminal_safe(problem)}" for problem in report.problems]
-    lines += [f"warning: {terminal_safe(warning)}" for warning in report.warnings]
+    lines = [f"FAIL {terminal_safe(str(problem))}" for problem in report.problems]
+    lines += [f"warning: {terminal_safe(str(warning))}" for warning in report.warnings]
     files = sum(len(chain.files) for chain in report.chains)
     records = sum(chain.records for chain in report.chains)
     kind = "HMAC-SHA256" if report.keyed else "SHA-256 (unkeyed)"

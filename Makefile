@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test static lint protos model serve bench clean idp crds
+.PHONY: demo test static lint protos model serve bench soak clean idp crds
 
 # Quiet installs, with a line before each slow step so a minute of installing shows progress.
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -65,6 +65,12 @@ model: $(STAMP)
 # The side-by-side benchmark (about 30 minutes); `--quick` runs in CI through tests/test_bench.py.
 bench: $(STAMP)
 	$(BIN)/aigis bench --cnn
+
+# The fault tests (kill -9 during a denial flood, disk full, worker kill and crash loop, key rotation
+# under load, never-reading clients) with the figures they print; bounded, a few minutes. CI runs them
+# inside `make test` too.
+soak: $(STAMP)
+	$(BIN)/python -m pytest -m reliability -s -q
 
 serve: $(STAMP)
 	$(BIN)/aigis serve

@@ -336,7 +336,19 @@ class AigisServer:
 
 
 async def start_server(config: Config) -> AigisServer:
-    """Build everything from `config` and start serving. Raises StartupError on bad input."""
+    """Build everything from `config` and start serving. Raises StartupError on bad input.
+
+    Each part that starts (issuer, audit writer, metrics, thread pool, batchers, gRPC server) is
+    pushed onto an exit stack as it starts, so a failure at any later step stops every part that had
+    started: no thread or port outlives a failed start. On success the running server owns them.
+    """
+    async with contextlib.AsyncExitStack() as started:
+        running = await _start(config, started)
+        started.pop_all()
+    return running
+
+
+async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisServer:
     pki = config.pki
     tls = await asyncio.to_thread(server_credentials, pki)
     try:
@@ -371,6 +383,7 @@ async def start_server(config: Config) -> AigisServer:
         )
         try:
             await asyncio.to_thread(issuer.start)
+            started.callback(issuer.stop)
         except OSError as exc:
             raise StartupError(f"cannot listen for the token issuer on {config.issuer.listen}: "
                                f"{exc.strerror or exc}") from None
@@ -390,14 +403,10 @@ async def start_server(config: Config) -> AigisServer:
             )
         )
     except Exception as exc:
-        if issuer is not None:
-            issuer.stop()
         raise StartupError(f"token verification keys: {exc}") from None
     try:
         revoked = await asyncio.to_thread(revoked_clients, pki, issuers)
     except RegistryError as exc:
-        if issuer is not None:
-            issuer.stop()
         raise StartupError(str(exc)) from None
 
     limits = config.limits
@@ -422,9 +431,8 @@ async def start_server(config: Config) -> AigisServer:
     try:
         await asyncio.to_thread(audit.start)
     except (AuditError, OSError) as exc:
-        if issuer is not None:
-            issuer.stop()
         raise StartupError(f"audit log: {exc}") from None
+    started.callback(audit.close)
     metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
     metrics.track_audit_queue(lambda: audit.pending)
     audit.on_drop = metrics.track_audit_log(audit.path.name, lambda: audit.anchor[0])
@@ -434,7 +442,9 @@ async def start_server(config: Config) -> AigisServer:
             metrics_port = metrics.serve(config.metrics_listen.host, config.metrics_listen.port)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from None
+        started.callback(metrics.stop)
     server = aio.server(options=grpc_options(config))
+    started.push_async_callback(server.stop, 0)
     # Every service registers through the registrar, which wraps each handler with the checks.
     enforcer = Enforcer(
         guard,
@@ -449,8 +459,10 @@ async def start_server(config: Config) -> AigisServer:
                                    models=model_readers(repository, classifiers.default_name), tracer=tracer)
     registrar = SecuredRegistrar(server, security)
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
+    started.callback(executor.shutdown, wait=False, cancel_futures=True)
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)
     classifier = ImageClassificationServicer(classifiers, executor)
+    started.callback(classifier.close)
     # ListModels shows only the models this caller may classify with.
     classifier.may_use = functools.partial(enforcer.may_use, CLASSIFY_IMAGE)
     classifier.on_inference = metrics.inference
@@ -458,6 +470,7 @@ async def start_server(config: Config) -> AigisServer:
         batcher.on_batch = metrics.batch_size.labels(model_name).observe
     classifier_pb2_grpc.add_ImageClassificationServiceServicer_to_server(classifier, registrar)
     inference = InferenceServicer(repository, executor)
+    started.callback(inference.close)
     for (model_name, _version), tensor_batcher in inference.batchers.items():
         tensor_batcher.on_batch = metrics.batch_size.labels(model_name).observe
     inference.on_inference = metrics.inference
@@ -533,6 +546,9 @@ async def start_server(config: Config) -> AigisServer:
         *(FileWatcher(path, verifier.reload, apply_keys, refused) for path in jwks_files),
     ]
     running = AigisServer(config, server, port, issuer, audit, executor, health, watchers, metrics, metrics_port)
+    # From here on the running server stops every part, once.
+    started.pop_all()
+    started.push_async_callback(running.stop, 0)
     running.methods = tuple(registrar.methods)
     running.classifier = classifier
     running.inference = inference
@@ -551,7 +567,6 @@ async def start_server(config: Config) -> AigisServer:
             running.probes_port = await running.probes.start()
         except OSError as exc:
             running.probes = None
-            await running.stop(0)
             raise StartupError(f"cannot serve probes on {config.probes_listen}: {exc.strerror}") from None
     log.info("aigis serving on %s (mTLS required)", config.listen.host + f":{port}")
     if issuer is not None:

@@ -172,3 +172,26 @@ def test_rolling_update_loses_no_call(tmp_path: Path) -> None:
     finally:
         old.stop()
         new.stop()
+
+
+def test_second_signal_ends_the_drain_early(tmp_path: Path) -> None:
+    """A second SIGTERM during a long drain stops the server at once (exit 0), e.g. for an operator
+    who does not want to wait for drain_seconds."""
+    pki, _ = make_pki(tmp_path / "certs", datetime.now(UTC))
+    config = tmp_path / "aigis.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:0"\ndrain_seconds = 60\ngrace_seconds = 1\ncerts = "{pki.root}"\n'
+                      '[issuer]\nlisten = "127.0.0.1:0"\n[probes]\nlisten = "127.0.0.1:0"\n'
+                      '[metrics]\nenabled = false\n')
+    server = AigisProcess("serve", tmp_path / "run", config=config)
+    try:
+        info = server.wait_ready()
+        server.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while get(info["probes_port"], "/readyz")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+        assert time.monotonic() - started < 15
+    finally:
+        server.stop()

@@ -7,8 +7,8 @@ writes or changes anything.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-import json
 import socket
 import ssl
 import time
@@ -23,11 +23,11 @@ from cryptography import x509
 
 from aigis.auth.clients import RegistryError, load_registry
 from aigis.auth.crl import CrlError, ca_key_available, crl_status
+from aigis.auth.jwks import KeySet, KeySetError, discover_jwks_uri, fetch_json, load_jwks_file, parse_jwks
 from aigis.auth.pki import PkiPaths
 from aigis.auth.policy import Policy
-from aigis.auth.tokens import parse_jwks
 from aigis.auth.urls import url_host
-from aigis.server.config import Config, HostPort
+from aigis.server.config import Config, ExternalIssuer, HostPort
 
 # A certificate or CRL closer than this to its end is a warning.
 EXPIRY_WARNING = timedelta(days=30)
@@ -120,36 +120,33 @@ def _tls_context(cafile: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
 
+async def _remote_key_set(issuer: ExternalIssuer) -> tuple[str, KeySet]:
+    """Fetch an external issuer's key set as the server does: its jwks_url, else by discovery."""
+    context = _tls_context(str(issuer.ca_file) if issuer.ca_file else None)
+    url = issuer.jwks_url or await discover_jwks_uri(issuer.issuer, context)
+    return url, parse_jwks(await fetch_json(url, context), url)
+
+
 def check_keys(config: Config, pki: PkiPaths) -> list[Check]:
-    """The embedded issuer's JWKS file, and every external issuer's key set (fetched when a URL)."""
+    """The embedded issuer's JWKS file, and every external issuer's key set (fetched when remote)."""
     checks = []
     if config.issuer.enabled or not config.external_issuers:
         try:
-            keys = parse_jwks(json.loads(pki.jwks.read_text()), str(pki.jwks))
+            keys = load_jwks_file(pki.jwks)
             checks.append(Check("signing keys", Status.OK, f"{pki.jwks}: {len(keys.keys)} key(s)"))
-        except OSError as exc:
-            checks.append(Check("signing keys", Status.FAIL, f"{pki.jwks}: {exc.strerror}"))
-        except Exception as exc:
+        except KeySetError as exc:
             checks.append(Check("signing keys", Status.FAIL, str(exc)))
     for issuer in config.external_issuers:
         name = f"JWKS of {issuer.issuer}"
         try:
             if issuer.jwks_file is not None:
-                source = str(issuer.jwks_file)
-                data = json.loads(issuer.jwks_file.read_text())
+                source, keys = str(issuer.jwks_file), load_jwks_file(issuer.jwks_file)
             else:
-                source = str(issuer.jwks_url)
-                context = _tls_context(str(issuer.ca_file) if issuer.ca_file else None)
-                data = json.loads(_fetch(source, context)[0])
-            keys = parse_jwks(data, source)
+                # auth.jwks bounds each fetch; discovery plus the key set is at most two of them.
+                source, keys = asyncio.run(_remote_key_set(issuer))
             checks.append(Check(name, Status.OK, f"{source}: {len(keys.keys)} key(s)"))
-        except urllib.error.HTTPError as exc:
-            checks.append(Check(name, Status.FAIL, f"{issuer.jwks_url}: HTTP {exc.code}"))
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            checks.append(Check(name, Status.FAIL, f"{issuer.jwks_url or issuer.jwks_file}: unreachable ({reason})"))
-        except Exception as exc:
-            checks.append(Check(name, Status.FAIL, f"{exc}"))
+        except KeySetError as exc:  # FetchError says why: TLS, connection, HTTP status, parse, issuer
+            checks.append(Check(name, Status.FAIL, str(exc)))
     return checks
 
 

@@ -317,3 +317,24 @@ def test_call_reads_aigis_environment_overrides(in_tmp: Path, pki: PkiPaths, mon
     settings = client_settings(build_parser().parse_args(["call", "health"]))
     assert settings.target == "127.0.0.1:6200" and settings.ca == pki.ca_cert
     assert settings.token_url == "https://issuer.example:9443/oauth2/token"
+
+
+def test_doctor_says_why_an_external_key_set_is_unreachable(
+    tmp_path: Path, pki: PkiPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """doctor fetches each external issuer's keys like the server (discovery, jwks_url, file) and names the failure."""
+    config = tmp_path / "aigis.toml"
+    config.write_text(
+        f'[server]\ncerts = "{pki.root}"\nlisten = "127.0.0.1:0"\n[issuer]\nlisten = "127.0.0.1:0"\n'
+        '[metrics]\nenabled = false\n'
+        '[[auth.issuers]]\nissuer = "https://127.0.0.1:1"\naudience = "aigis"\n'
+        '[[auth.issuers]]\nissuer = "https://idp.example"\naudience = "aigis"\njwks_file = "missing.json"\n'
+    )
+    assert main(["doctor", "--config", str(config), "--json"]) == EXIT_FAILED
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    unreachable = checks["JWKS of https://127.0.0.1:1"]
+    assert unreachable["status"] == "fail"
+    assert "https://127.0.0.1:1/.well-known/openid-configuration: cannot connect" in unreachable["detail"]
+    assert checks["JWKS of https://idp.example"]["status"] == "fail"
+    assert "missing.json: cannot read JWK Set" in checks["JWKS of https://idp.example"]["detail"]
+    assert checks["signing keys"]["status"] == "ok" and checks["CRL"]["status"] == "ok"

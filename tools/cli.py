@@ -373,18 +373,50 @@ def _version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands defined in their own modules: (module, command, one-line help). Their modules import
+# heavy libraries (cryptography, aiohttp, onnxruntime), so `main` loads only the one it runs.
+MODULE_COMMANDS = (
+    ("certs_cmd", "certs", "manage the local PKI and the OAuth2 client registry"),
+    ("keys_cmd", "keys", "rotate and list the token-signing keys"),
+    ("audit_cmd", "audit", "read the audit log of denied requests"),
+    ("bench", "bench", "benchmarks: aigis side by side with a bare server"),
+    ("config_cmd", "config", "show or check the configuration"),
+    ("doctor_cmd", "doctor", "check certificates, CRL, policy, keys, ports, clock"),
+)
+_GLOBAL_WITH_VALUE = ("--log-level", "--config")
+
+
+def command_word(argv: Sequence[str]) -> str:
+    """The subcommand named in `argv` ("" when none), skipping the global options and their values."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return ""
+
+
+def _register_lazy(sub: argparse._SubParsersAction, command: str, help_text: str) -> None:  # type: ignore[type-arg]
+    """A placeholder listed in `aigis --help`; `main` never runs it (it loads the real command)."""
+    stub = sub.add_parser(command, help=help_text, add_help=False)
+    stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree, or with `command`, only that module command in full (fast start)."""
     parser = argparse.ArgumentParser(prog="aigis", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"aigis {_version()}")
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    _register_optional(sub, "certs_cmd", "certs", "manage the local PKI and the OAuth2 client registry")
-    _register_optional(sub, "keys_cmd", "keys", "rotate and list the token-signing keys")
-    _register_optional(sub, "audit_cmd", "audit", "read the audit log of denied requests")
-    _register_optional(sub, "bench", "bench", "benchmarks")
-    _register_optional(sub, "config_cmd", "config", "show or check the configuration")
-    _register_optional(sub, "doctor_cmd", "doctor", "check certificates, CRL, policy, keys, ports, clock")
+    for module, name, help_text in MODULE_COMMANDS:
+        if command is None or command == name:
+            _register_optional(sub, module, name, help_text)
+        else:
+            _register_lazy(sub, name, help_text)
 
     serve = sub.add_parser("serve", help="run the gRPC server and the embedded token issuer")
     serve.add_argument("--listen", help="HOST:PORT for gRPC (default 127.0.0.1:50051)")
@@ -461,6 +493,9 @@ def _demo(args: argparse.Namespace) -> int:
         return demo.main(args.dir)
     except demo.DemoDirectoryError as exc:
         raise UsageError(str(exc)) from None
+    except demo.DemoServerError as exc:
+        print(f"aigis demo: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _complete(parser: argparse.ArgumentParser) -> None:
@@ -504,7 +539,9 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Completion needs the whole tree; a run needs only its own command's module.
+    parser = build_parser(None if "_ARGCOMPLETE" in os.environ else command_word(argv))
     _complete(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

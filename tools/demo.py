@@ -36,6 +36,10 @@ class DemoDirectoryError(Exception):
     """`--dir` names something the demo will not write into; the message says what and why."""
 
 
+class DemoServerError(Exception):
+    """The demo's server did not start; the message carries the last line it logged."""
+
+
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
@@ -47,8 +51,11 @@ class ServerProcess:
         self.ready_file = work / "ready.json"
         self.audit_log = work / "audit.jsonl"
         self.log = (work / "server.log").open("w")
+        # An empty configuration of its own: the demo must not pick up an aigis.toml lying around.
+        config = work / "aigis.toml"
+        config.write_text("# aigis demo: built-in defaults, overridden by the flags below\n")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aigis.tools.cli", "serve", "--certs", str(pki.root),
+            [sys.executable, "-m", "aigis.tools.cli", "serve", "--config", str(config), "--certs", str(pki.root),
              "--listen", "127.0.0.1:0", "--issuer-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              "--audit-log", str(self.audit_log), "--ready-file", str(self.ready_file)],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
@@ -57,7 +64,9 @@ class ServerProcess:
         while not self.ready_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"server did not start; see {work / 'server.log'}")
+                lines = (work / "server.log").read_text(errors="replace").strip().splitlines()
+                # The temporary directory (and the log in it) is removed: quote the log's last line.
+                raise DemoServerError(f"the server did not start: {lines[-1] if lines else 'no output'}")
             time.sleep(0.1)
         self.info: dict[str, Any] = json.loads(self.ready_file.read_text())
 

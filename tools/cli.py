@@ -399,7 +399,7 @@ def command_word(argv: Sequence[str]) -> str:
     return ""
 
 
-def _register_lazy(sub: argparse._SubParsersAction, command: str, help_text: str) -> None:  # type: ignore[type-arg]
+def _register_lazy(sub: argparse._SubParsersAction[argparse.ArgumentParser], command: str, help_text: str) -> None:
     """A placeholder listed in `aigis --help`; `main` never runs it (it loads the real command)."""
     stub = sub.add_parser(command, help=help_text, add_help=False)
     stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

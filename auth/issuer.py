@@ -65,6 +65,7 @@ from aigis.auth.clients import (
     load_registry,
     verify_secret,
 )
+from aigis.auth.defaults import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, MIN_TOKEN_TTL
 from aigis.auth.identity import ClientCertificatePolicy, IdentityError, RevocationList, SharedRevocations
 from aigis.auth.pki import PkiPaths
 from aigis.auth.throttle import AuthThrottle, ThrottleKey, ThrottleLimits
@@ -80,7 +81,6 @@ METADATA_PATH = "/.well-known/oauth-authorization-server"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_BODY_BYTES = 8 * 1024
 MAX_FORM_FIELDS = 16
-MAX_TOKEN_TTL = timedelta(hours=24)
 # How often the accept loop looks at the server certificate, key and CA bundle for a change.
 TLS_CHECK_INTERVAL_S = 1.0
 AUTH_REALM = "aigis"
@@ -151,7 +151,7 @@ class IssuerConfig:
     port: int = 8443  # 0 = an ephemeral port (tests)
     issuer_url: str | None = None  # the `iss` claim and RFC 8414 `issuer`; None = this server's URL
     audience: str = "aigis"
-    token_ttl: timedelta = timedelta(minutes=5)
+    token_ttl: timedelta = DEFAULT_TOKEN_TTL
     trust_domain: str = ""  # SPIFFE trust domain of client certificates; "" = the client registry's
     http: HttpLimits = dataclasses.field(default_factory=HttpLimits)  # connections, deadlines, header sizes
     throttle: ThrottleLimits = dataclasses.field(default_factory=ThrottleLimits)  # failed client authentications
@@ -163,8 +163,8 @@ class IssuerConfig:
             raise ValueError(f"port: {self.port} is not a TCP port")
         if not self.audience:
             raise ValueError("audience: must not be empty")
-        if not timedelta(seconds=1) <= self.token_ttl <= MAX_TOKEN_TTL:
-            raise ValueError(f"token_ttl: must be between 1 s and {MAX_TOKEN_TTL}")
+        if not MIN_TOKEN_TTL <= self.token_ttl <= MAX_TOKEN_TTL:
+            raise ValueError(f"token_ttl: must be between {MIN_TOKEN_TTL} and {MAX_TOKEN_TTL}")
         if self.issuer_url is not None:
             _validate_issuer_url(self.issuer_url)
         if not 1 <= self.secret_check_workers <= 16 or not 0 <= self.secret_check_queue <= 1024:

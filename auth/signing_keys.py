@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from aigis.auth.certs import PkiError, _new_key, _require_aware, _write_file, _write_private_key, public_jwk
 from aigis.auth.clients import parse_aware_time
-from aigis.auth.issuer import MAX_TOKEN_TTL
+from aigis.auth.defaults import MAX_TOKEN_TTL
 from aigis.auth.pki import PkiPaths
 
 # The largest `auth.leeway_seconds` server/config.py accepts: a verifier may accept a token this long

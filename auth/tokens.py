@@ -65,7 +65,7 @@ import jwt
 from jwt import PyJWK
 
 from aigis.auth.decision import Reason
-from aigis.auth.defaults import DEFAULT_MAX_LIFETIME
+from aigis.auth.defaults import DEFAULT_ALGORITHMS, DEFAULT_MAX_LIFETIME, SUPPORTED_ALGORITHMS
 from aigis.auth.jwks import (
     KeySet,
     KeySetError,
@@ -97,12 +97,6 @@ _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] ([A-Za-z0-9\-._~+/]+=*)")
 MAX_AUTHORIZATION_CHARS = 8 * 1024
 # RFC 9068 §4: resource servers MUST verify typ is "at+jwt" or "application/at+jwt".
 _ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
-# Asymmetric algorithms only: a JWK Set holds public keys, and an HS* allow-list would let a public key
-# be used as an HMAC secret.
-SUPPORTED_ALGORITHMS = frozenset(
-    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
-)
-DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
 # RFC 8705 §3.1: x5t#S256 is base64url(SHA-256(DER)) without padding: 43 characters.
 _X5T_S256 = re.compile(r"[A-Za-z0-9_-]{43}")

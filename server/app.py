@@ -46,6 +46,7 @@ from aigis.server.calculator import CalculatorServicer
 from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
 from aigis.server.crl_freshness import CrlFreshness
+from aigis.server.images import ImageLimits
 from aigis.server.inference import InferenceServicer
 from aigis.server.metrics import Metrics
 from aigis.server.probes import ProbeServer
@@ -461,7 +462,9 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
     executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="aigis-infer")
     started.callback(executor.shutdown, wait=False, cancel_futures=True)
     calculator_pb2_grpc.add_CalculatorServicer_to_server(CalculatorServicer(), registrar)
-    classifier = ImageClassificationServicer(classifiers, executor)
+    # No image may be larger than the message that carries it.
+    image_limits = ImageLimits(max_bytes=config.max_message_bytes)
+    classifier = ImageClassificationServicer(classifiers, executor, image_limits)
     started.callback(classifier.close)
     # ListModels shows only the models this caller may classify with.
     classifier.may_use = functools.partial(enforcer.may_use, CLASSIFY_IMAGE)

@@ -24,14 +24,21 @@ from typing import Any
 
 from aigis.auth.audit import Durability
 from aigis.auth.audit_format import AuditFormat
-from aigis.auth.defaults import DEFAULT_MAX_LIFETIME
+from aigis.auth.defaults import (
+    DEFAULT_ALGORITHMS,
+    DEFAULT_MAX_LIFETIME,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TOKEN_TTL,
+    MAX_TOKEN_TTL,
+    MIN_TOKEN_TTL,
+    SUPPORTED_ALGORITHMS,
+)
 from aigis.auth.pki import PkiPaths
 from aigis.auth.urls import https_base_url
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_MODELS = PACKAGE_DIR / "models"
 BUNDLED_POLICY = PACKAGE_DIR / "policy.json"
-ALLOWED_ALGORITHMS = ("ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "EdDSA")
 
 
 TOML_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
@@ -84,7 +91,7 @@ class IssuerSettings:
     listen: HostPort = HostPort("127.0.0.1", 8443)
     url: str = ""  # the `iss` value; empty means the listener's own URL, https://127.0.0.1:8443
     audience: str = "aigis"
-    token_ttl: timedelta = timedelta(minutes=5)
+    token_ttl: timedelta = DEFAULT_TOKEN_TTL
 
     def endpoint_url(self, port: int | None = None) -> str:
         """Where clients reach the issuer (auth.urls: the same rule the running issuer uses)."""
@@ -166,11 +173,11 @@ class Config:
     audit_max_bytes: int = 64 * 1024 * 1024
     audit_queue_size: int = 32_768
     audit_durability: Durability = Durability.FSYNC
-    max_message_bytes: int = 8 * 1024 * 1024  # room for a multi-megapixel encoded image
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # room for a multi-megapixel encoded image
     grace_seconds: float = 5.0
     inference_threads: int = 2
     leeway: timedelta = timedelta(seconds=30)
-    algorithms: tuple[str, ...] = ("ES256", "RS256", "EdDSA")
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     issuer: IssuerSettings = field(default_factory=IssuerSettings)
     limits: Limits = field(default_factory=Limits)
     # Prometheus /metrics over plain HTTP: loopback by default (it names methods and principals'
@@ -366,8 +373,8 @@ def config_from_mapping(
     listen = server.get("listen", str, None)
     algorithms = auth.get("algorithms", list, list(default.algorithms))
     for i, alg in enumerate(algorithms):
-        if alg not in ALLOWED_ALGORITHMS:
-            raise ConfigError(f"auth.algorithms[{i}]: {alg!r} is not one of {', '.join(ALLOWED_ALGORITHMS)}")
+        if alg not in SUPPORTED_ALGORITHMS:
+            raise ConfigError(f"auth.algorithms[{i}]: {alg!r} is not one of {', '.join(sorted(SUPPORTED_ALGORITHMS))}")
     if not algorithms:
         raise ConfigError("auth.algorithms: must name at least one algorithm")
     leeway = auth.get("leeway_seconds", (int, float), default.leeway.total_seconds())
@@ -386,7 +393,7 @@ def config_from_mapping(
         listen=parse_host_port(issuer_listen, issuer.key("listen")) if issuer_listen else IssuerSettings.listen,
         url=issuer_url,
         audience=issuer.get("audience", str, "aigis") or _empty("issuer.audience"),
-        token_ttl=timedelta(seconds=issuer.positive("token_ttl_seconds", 300, int)),
+        token_ttl=_token_ttl(issuer.positive("token_ttl_seconds", int(DEFAULT_TOKEN_TTL.total_seconds()), int)),
     )
     config = Config(
         listen=parse_host_port(listen, server.key("listen")) if listen else default.listen,
@@ -468,6 +475,14 @@ def _limits(section: _Section) -> Limits:
         min_ping_interval_seconds=section.positive("min_ping_interval_seconds", d.min_ping_interval_seconds),
         max_ping_strikes=section.positive("max_ping_strikes", d.max_ping_strikes, int),
     )
+
+
+def _token_ttl(seconds: int) -> timedelta:
+    ttl = timedelta(seconds=seconds)
+    if not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
+        raise ConfigError(f"issuer.token_ttl_seconds: must be between {int(MIN_TOKEN_TTL.total_seconds())} and "
+                          f"{int(MAX_TOKEN_TTL.total_seconds())}, got {seconds}")
+    return ttl
 
 
 def _empty(key: str) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from aigis.auth.defaults import DEFAULT_MAX_MESSAGE_BYTES
 from aigis.server.errors import InvalidArgument
 from aigis.server.model import ColorMode, Layout, ModelConfig
 
@@ -45,7 +46,7 @@ class ImageLimits:
     """Upper bounds on one request's image. Keep the server's max receive message size just above
     `max_bytes`, so oversize images fail here with a clear message rather than in the transport."""
 
-    max_bytes: int = 8 * 1024 * 1024
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # the assembly passes config.max_message_bytes
     max_width: int = 4096
     max_height: int = 4096
     # The decoder's own allocation, known from the header: Pillow's pixel buffer (4 bytes per RGB

@@ -249,6 +249,16 @@ def test_image_over_the_message_limit_is_refused_by_grpc(rstack: Any, md: Metada
     assert_serving(rstack)
 
 
+def test_image_limit_follows_max_message_bytes(start_stack: Callable[..., Any]) -> None:
+    """With max_message_bytes raised to 12 MiB, a 9 MiB raw image is classified: one limit, not two."""
+    stack = start_stack(max_message_bytes=12 * 1024 * 1024)
+    side = 3072  # 9 MiB of raw 8-bit grayscale
+    image = cls.Image(data=bytes(side * side), width=side, height=side)
+    with channel(stack, "demo") as ch:
+        reply = classifier(ch).ClassifyImage(image, metadata=bearer(issuer_token(stack, "demo")), timeout=30)
+    assert reply.category
+
+
 EMPTY_STREAMS: dict[str, tuple[Callable[[grpc.Channel, Metadata], Any], Any]] = {
     "sum-of-nothing": (
         lambda ch, md: calculator(ch).Sum(iter([]), metadata=md, timeout=10),

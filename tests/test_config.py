@@ -72,6 +72,11 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
                      "auth.issuers[0].scope_claim", id="external-empty-scope-claim"),
         pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\njwks_url = "http://k"\n',
                      "auth.issuers[0].jwks_url", id="external-http-jwks"),
+        pytest.param("[issuer]\ntoken_ttl_seconds = 100000\n", "issuer.token_ttl_seconds: must be between 1 and 86400",
+                     id="token-ttl-over-max"),
+        pytest.param("[issuer]\ntoken_ttl_seconds = 0\n", "issuer.token_ttl_seconds", id="token-ttl-zero"),
+        pytest.param('[auth]\nalgorithms = ["ES256", "HS512"]\n', "auth.algorithms[1]: 'HS512' is not one of",
+                     id="alg-second-hmac"),
         pytest.param("[server\n", "invalid TOML", id="bad-toml"),
     ],
 )
@@ -105,3 +110,20 @@ def test_external_issuer_typ_and_scope_claim(tmp_path: Path) -> None:
     (external,) = load_config(write(tmp_path, text)).external_issuers
     assert external.token_types == ("at+jwt", "JWT")
     assert external.scope_claim == "roles"
+
+
+def test_every_algorithm_the_verifier_supports_is_configurable(tmp_path: Path) -> None:
+    """One list: what the config accepts is exactly what the token verifier supports."""
+    from aigis.auth.defaults import SUPPORTED_ALGORITHMS
+
+    names = ", ".join(f'"{a}"' for a in sorted(SUPPORTED_ALGORITHMS))
+    config = load_config(write(tmp_path, f"[auth]\nalgorithms = [{names}]\n"))
+    assert set(config.algorithms) == SUPPORTED_ALGORITHMS
+
+
+def test_the_longest_token_ttl_the_issuer_allows_is_accepted(tmp_path: Path) -> None:
+    """The config's bound is the issuer's bound (24 h): the largest accepted value starts an issuer."""
+    from aigis.auth.defaults import MAX_TOKEN_TTL
+
+    config = load_config(write(tmp_path, f"[issuer]\ntoken_ttl_seconds = {int(MAX_TOKEN_TTL.total_seconds())}\n"))
+    assert config.issuer.token_ttl == MAX_TOKEN_TTL

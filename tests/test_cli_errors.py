@@ -338,3 +338,21 @@ def test_doctor_says_why_an_external_key_set_is_unreachable(
     assert checks["JWKS of https://idp.example"]["status"] == "fail"
     assert "missing.json: cannot read JWK Set" in checks["JWKS of https://idp.example"]["detail"]
     assert checks["signing keys"]["status"] == "ok" and checks["CRL"]["status"] == "ok"
+
+
+def test_file_commands_default_to_the_configured_locations(
+    in_tmp: Path, pki: PkiPaths, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """certs, keys and audit without --dir / --audit-log use the configuration's [server] certs and [audit] path."""
+    log = in_tmp / "elsewhere.jsonl"
+    log.write_text(json.dumps({"timestamp": "2026-11-25T10:00:00.000Z", "reason": "token_expired"}) + "\n")
+    (in_tmp / "aigis.toml").write_text(f'[server]\ncerts = "{pki.root}"\n[audit]\npath = "elsewhere.jsonl"\n')
+    assert main(["certs", "list", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["certificates"][0]["path"] == str(pki.ca_cert)
+    assert main(["keys", "list", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "active"
+    assert main(["audit", "show", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["reason"] == "token_expired"
+    (in_tmp / "aigis.toml").write_text('[server]\ncerts = 5\n')
+    assert main(["certs", "list"]) == EXIT_USAGE
+    assert "invalid configuration: server.certs: expected a string" in one_line_error(capsys.readouterr().err)

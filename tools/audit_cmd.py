@@ -31,8 +31,8 @@ from aigis.auth.audit_chain import (
 )
 from aigis.auth.audit_format import flat
 from aigis.auth.decision import Reason
+from aigis.tools.config_cmd import configured_audit_log
 
-DEFAULT_AUDIT_LOG = Path("aigis-audit.jsonl")
 REASON_NAMES = tuple(reason.value for reason in Reason)
 _RELATIVE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -185,7 +185,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit = subparsers.add_parser("audit", help="read the audit log of denied requests")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     show = audit_sub.add_parser("show", help="list audit records, oldest first")
-    show.add_argument("--audit-log", type=Path, default=DEFAULT_AUDIT_LOG, help="audit log path")
+    show.add_argument("--audit-log", type=Path, help="audit log path (default: [audit] path of the configuration, "
+                      "i.e. ./aigis-audit.jsonl)")
     show.add_argument("--reason", choices=REASON_NAMES, metavar="REASON",
                       help="only this reason code (e.g. token_expired; one of the README's reason table)")
     show.add_argument("--principal", help="only this principal (e.g. spiffe://aigis.local/client/demo)")
@@ -198,7 +199,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify = audit_sub.add_parser(
         "verify", help="check the hash chain of every audit file; exit 1 naming the first bad record"
     )
-    verify.add_argument("--audit-log", type=Path, default=DEFAULT_AUDIT_LOG, help="audit log path")
+    verify.add_argument("--audit-log", type=Path, help="audit log path (default: [audit] path of the configuration, "
+                      "i.e. ./aigis-audit.jsonl)")
     verify.add_argument("--hmac-key-file", type=Path, help="the key the server chains with ([audit] hmac_key_file)")
     verify.add_argument("--expect-seq", type=int, metavar="SEQ",
                         help="the newest seq the server reported (its aigis_audit_last_seq metric or its "
@@ -215,7 +217,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def show_main(args: argparse.Namespace) -> int:
-    path: Path = args.audit_log
+    path: Path = configured_audit_log(args)
     if not log_layout(path):
         print(f"aigis audit show: no audit log at {path}", file=sys.stderr)
         return 2
@@ -241,7 +243,7 @@ def show_main(args: argparse.Namespace) -> int:
 
 
 def verify_main(args: argparse.Namespace) -> int:
-    path: Path = args.audit_log
+    path: Path = configured_audit_log(args)
     try:
         key = load_hmac_key(args.hmac_key_file) if args.hmac_key_file else None
     except AuditError as exc:

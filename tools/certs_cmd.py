@@ -14,7 +14,8 @@ from pathlib import Path
 
 from aigis.auth import certs
 from aigis.auth.crl import CrlStatus
-from aigis.auth.pki import DEFAULT_TRUST_DOMAIN, PkiPaths
+from aigis.auth.pki import DEFAULT_TRUST_DOMAIN
+from aigis.tools.config_cmd import configured_pki
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=Path("certs"), help="certificate directory (%(default)s)")
+    parser.add_argument("--dir", type=Path, help="certificate directory (default: [server] certs of the "
+                        "configuration, i.e. ./certs)")
 
 
 def _fail(exc: Exception) -> int:
@@ -109,7 +111,7 @@ def _crl_line(status: CrlStatus, now: datetime) -> str:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    paths = PkiPaths(args.dir)
+    paths = configured_pki(args)
     try:
         result = certs.init_pki(
             paths,
@@ -135,7 +137,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_issue(args: argparse.Namespace) -> int:
-    paths = PkiPaths(args.dir)
+    paths = configured_pki(args)
     scopes = [s for group in args.scope for s in group.split()]
     try:
         issued = certs.issue_client(
@@ -167,7 +169,7 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
-    paths = PkiPaths(args.dir)
+    paths = configured_pki(args)
     try:
         revocation = certs.revoke_client(paths, args.name, now=datetime.now(UTC))
     except certs.PkiError as exc:
@@ -181,7 +183,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_crl(args: argparse.Namespace) -> int:
-    paths = PkiPaths(args.dir)
+    paths = configured_pki(args)
     now = datetime.now(UTC)
     try:
         status = certs.renew_crl(paths, now=now) if args.renew else certs.pki_crl_status(paths)
@@ -195,7 +197,7 @@ def _cmd_crl(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    paths = PkiPaths(args.dir)
+    paths = configured_pki(args)
     now = datetime.now(UTC)
     try:
         certificates = certs.list_pki_certificates(paths)

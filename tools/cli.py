@@ -522,6 +522,9 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except UsageError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ConfigError as exc:  # a command that read the configuration for its defaults
+        print(f"{name}: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ImportError as exc:
         missing = _missing_server_module(exc)
         if missing is None:

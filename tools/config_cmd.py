@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from aigis.auth.pki import PkiPaths
 from aigis.server.config import ConfigError, config_to_mapping, find_config_file, load_config, to_toml
 
 
@@ -53,3 +54,18 @@ def check_main(args: argparse.Namespace) -> int:
         return 2
     print(f"OK: {_source(path)}")
     return 0
+
+
+def configured_pki(args: argparse.Namespace) -> PkiPaths:
+    """`--dir DIR` when given, else where the configuration puts the PKI files ([server] certs,
+    [files]): the file tools then write and read what the server reads. ConfigError if invalid."""
+    if getattr(args, "dir", None) is not None:
+        return PkiPaths(args.dir)
+    return load_config(find_config_file(getattr(args, "config", None))).pki
+
+
+def configured_audit_log(args: argparse.Namespace) -> Path:
+    """`--audit-log PATH` when given, else the configuration's [audit] path."""
+    if getattr(args, "audit_log", None) is not None:
+        return Path(args.audit_log)
+    return load_config(find_config_file(getattr(args, "config", None))).audit_log

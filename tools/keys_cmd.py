@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aigis.auth import signing_keys as keys
 from aigis.auth.certs import PkiError
-from aigis.auth.pki import PkiPaths
+from aigis.tools.config_cmd import configured_pki
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=Path("certs"), help="certificate directory (%(default)s)")
+    parser.add_argument("--dir", type=Path, help="certificate directory (default: [server] certs of the "
+                        "configuration, i.e. ./certs)")
 
 
 def _hours(delta: timedelta) -> str:
@@ -67,7 +68,7 @@ def _fail(exc: Exception) -> int:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    paths = PkiPaths(args.dir)
+    paths = configured_pki(args)
     try:
         rotation = keys.rotate_signing_key(paths, now=datetime.now(UTC), force=args.force)
     except PkiError as exc:
@@ -88,7 +89,7 @@ def _cmd_rotate(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     try:
-        infos = keys.list_signing_keys(PkiPaths(args.dir), now=datetime.now(UTC))
+        infos = keys.list_signing_keys(configured_pki(args), now=datetime.now(UTC))
     except PkiError as exc:
         return _fail(exc)
     if args.json:

@@ -263,6 +263,7 @@ class AigisServer:
     tls: TlsCredentialStore | None = None  # the served certificate and CA bundle, and reload counts
     models: ModelRepository | None = None
     guard: Guard | None = None  # the checks' current policy, CRL and token verifier (readiness)
+    streams: StreamSlots | None = None  # streams open per principal (observable: tests wait on it)
     probes: ProbeServer | None = None
     probes_port: int | None = None
     draining: bool = False  # SIGTERM seen: /readyz fails, calls are still served
@@ -447,13 +448,14 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
     server = aio.server(options=grpc_options(config))
     started.push_async_callback(server.stop, 0)
     # Every service registers through the registrar, which wraps each handler with the checks.
+    stream_slots = StreamSlots(config.limits.max_streams_per_principal)
     enforcer = Enforcer(
         guard,
         audit,
         on_denial=metrics.denial_observer,
         on_shadow=metrics.shadow_observer,
         trace_id=tracing.current_trace_id if tracer is not None else None,
-        streams=StreamSlots(config.limits.max_streams_per_principal),
+        streams=stream_slots,
     )
     classifiers = repository.classifiers()
     security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics,
@@ -558,6 +560,7 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
     running.repository = repository
     running.tls = tls
     running.guard = guard
+    running.streams = stream_slots
     running.models = repository
     running._reload_task = asyncio.create_task(running._reload_loop())
     # One process renews: a lone server, or worker 0 of `--workers N` (the others only report).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -62,6 +63,15 @@ def run(call: Callable[[], Any]) -> Outcome:
     except grpc.RpcError as err:
         trailers = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
         return Outcome(err.code(), None, err.details(), trailers.get(REQUEST_ID_KEY))  # type: ignore[attr-defined]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds (a readiness wait on evidence, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
 
 
 def numbers(values: Sequence[int]) -> list[calc.Number]:

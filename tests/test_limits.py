@@ -10,12 +10,14 @@ from typing import Any
 
 import grpc
 import pytest
-from calls import RPC_KINDS, assert_denied, bearer, channel, issuer_token, numbers, run
+from calls import RPC_KINDS, assert_denied, bearer, channel, issuer_token, numbers, run, wait_until
 
 from aigis.calculator.v1 import calculator_pb2 as calc
 from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
 from aigis.server.app import grpc_options
 from aigis.server.config import Config, Limits
+
+DEMO = "spiffe://aigis.local/client/demo"
 
 
 def limited(start_stack: Any, **limits: Any) -> Any:
@@ -86,7 +88,7 @@ def test_concurrent_streams_per_connection_are_capped(start_stack: Any) -> None:
         stub = calc_grpc.CalculatorStub(ch)
         assert stub.Add(calc.AddRequest(a=1, b=1), metadata=token, timeout=10).sum == 2  # connection is up
         open_calls = [stub.Sum.future(held_open(), metadata=token, timeout=10) for _ in range(2)]
-        time.sleep(0.3)
+        wait_until(lambda: stack.server.streams.held(DEMO) == 2, what="both streams admitted")
         third = run(lambda: stub.Add(calc.AddRequest(a=1, b=1), metadata=token, timeout=0.5))
         assert third.code == grpc.StatusCode.DEADLINE_EXCEEDED
         release.set()
@@ -152,7 +154,7 @@ def test_concurrent_streams_per_principal_are_capped_across_connections(start_st
     channels = [channel(stack, "demo") for _ in range(3)]  # one stream per connection: not gRPC's per-connection cap
     try:
         held = [calc_grpc.CalculatorStub(ch).Sum.future(held_open(), metadata=demo, timeout=15) for ch in channels]
-        time.sleep(0.5)
+        wait_until(lambda: stack.server.streams.held(DEMO) == 3, what="three streams admitted")
         before = len(stack.audit_records())
         with channel(stack, "demo") as ch:
             fourth = run(lambda: calc_grpc.CalculatorStub(ch).Sum(iter(numbers([1])), metadata=demo, timeout=10))

@@ -122,13 +122,7 @@ class Guard:
         if phase is None:
             return await self._check(method, context, model, None)
         verdict = await self._check(method, context, model, phase)
-        decision = verdict.decision
-        outcome: dict[str, str | bool] = {"aigis.authorized": decision.allowed}
-        if decision.reason is not None:
-            outcome["aigis.reason"] = decision.reason.value
-        if decision.policy_name:
-            outcome |= {"aigis.policy_name": decision.policy_name, "aigis.matched_rule": decision.matched_rule}
-        phase("decision", outcome)
+        phase("decision", _outcome(verdict.decision))
         if verdict.shadow is not None:
             shadow = {"aigis.authorized": verdict.shadow.allowed, "aigis.differs": verdict.shadow_differs}
             phase("shadow_policy", shadow)
@@ -174,7 +168,10 @@ class Guard:
         identity = verdict.identity
         if identity is None:  # an allowed verdict always carries the identity
             return Verdict(Decision.deny(Reason.CHECK_ERROR), None, verdict.token)
-        return self._decide(method, identity, metadata, verdict.token, model)
+        again = self._decide(method, identity, metadata, verdict.token, model)
+        if self._on_phase is not None:
+            self._on_phase("message_decision", _outcome(again.decision))
+        return again
 
     def _decide(self, method: str, identity: PeerIdentity, metadata: Sequence[Any], token: VerifiedToken | None,
                 model: CallModel) -> Verdict:
@@ -193,6 +190,16 @@ class Guard:
                 self._decisions.clear()
             self._decisions[key] = cached
         return Verdict(cached[0], identity, token, cached[1])
+
+
+def _outcome(decision: Decision) -> dict[str, str | bool]:
+    """A decision as span-event attributes."""
+    outcome: dict[str, str | bool] = {"aigis.authorized": decision.allowed}
+    if decision.reason is not None:
+        outcome["aigis.reason"] = decision.reason.value
+    if decision.policy_name:
+        outcome |= {"aigis.policy_name": decision.policy_name, "aigis.matched_rule": decision.matched_rule}
+    return outcome
 
 
 def _dry_run(

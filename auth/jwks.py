@@ -196,8 +196,10 @@ class RemoteKeys:
         cooldown: float,
         clock: Callable[[], float],
         on_change: Callable[[], None],
+        on_fetch: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.issuer = issuer
+        self._on_fetch = on_fetch  # told (issuer, succeeded) after each attempt: the server counts them
         self.configured_url = jwks_url  # None: discover it from the issuer
         self.url: str | None = jwks_url
         self._context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
@@ -254,8 +256,12 @@ class RemoteKeys:
             self.last_error = str(exc)
             kept = "keeping the previous keys" if self.key_set is not None else "no keys cached"
             log.warning("JWK Set of %s unavailable (%s); %s", self.issuer, exc, kept)
+            if self._on_fetch is not None:
+                self._on_fetch(self.issuer, False)
             return
         self.last_error = None
+        if self._on_fetch is not None:
+            self._on_fetch(self.issuer, True)
         changed = self.key_set is not None and key_set.digest != self.key_set.digest
         self.key_set, self._fetched_at = key_set, self._clock()
         if changed:

@@ -350,6 +350,7 @@ class TokenVerifier:
         jwks_lifespan: timedelta = timedelta(minutes=5),
         jwks_cooldown: timedelta = timedelta(seconds=30),
         jwks_file_recheck: timedelta = timedelta(seconds=1),
+        on_jwks_fetch: Callable[[str, bool], None] | None = None,
     ) -> None:
         if not issuers:
             raise ValueError("at least one trusted issuer is required")
@@ -380,6 +381,7 @@ class TokenVerifier:
                     cooldown=jwks_cooldown.total_seconds(),
                     clock=clock,
                     on_change=self.clear_cache,
+                    on_fetch=on_jwks_fetch,
                 )
             self._issuers[issuer.issuer] = (issuer, keys, issuer.accepted_types())
         self._decode_options: Any = {

@@ -402,6 +402,7 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
                 leeway=config.leeway,
                 jwks_lifespan=timedelta(seconds=config.jwks_cache_seconds),
                 jwks_cooldown=timedelta(seconds=config.jwks_min_refetch_seconds),
+                on_jwks_fetch=metrics.jwks_fetch,
             )
         )
     except Exception as exc:

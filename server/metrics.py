@@ -101,6 +101,13 @@ class Metrics:
             "aigis_crl_stale", "1 while the CRL in use is past its nextUpdate (still enforced), else 0.",
             registry=self.registry,
         )
+        self.jwks_fetches = Counter(
+            "aigis_jwks_fetches",
+            "Fetches of external issuers' JWK Sets (discovery included), by issuer and result (ok, failed); "
+            "the log says why one failed.",
+            ["issuer", "result"],
+            registry=self.registry,
+        )
         self._done: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._shadow: dict[tuple[str, bool, bool], Counter] = {}
 
@@ -137,6 +144,10 @@ class Metrics:
             result = "agree" if enforced.allowed == shadow.allowed else differs
             child = self._shadow[key] = self.shadow.labels(method, result)
         child.inc()
+
+    def jwks_fetch(self, issuer: str, succeeded: bool) -> None:
+        """The token verifier's hook: one JWK Set fetch attempt (labels: configured issuers only)."""
+        self.jwks_fetches.labels(issuer, "ok" if succeeded else "failed").inc()
 
     def track_audit_queue(self, depth: Callable[[], float]) -> None:
         self.audit_queue.set_function(depth)

@@ -212,6 +212,14 @@ def add(stack: RunningStack, client: str, token: str) -> Outcome:
         return run(lambda: stub.Add(calc.AddRequest(a=2, b=3), metadata=bearer(token), timeout=10).sum)
 
 
+def jwks_fetches(stack: RunningStack, issuer: str, result: str) -> float:
+    """aigis_jwks_fetches_total for `issuer` and `result` (ok / failed)."""
+    sample = stack.server.metrics.registry.get_sample_value(
+        "aigis_jwks_fetches_total", {"issuer": issuer, "result": result}
+    )
+    return sample or 0.0
+
+
 def _audit_reason(stack: RunningStack, request_id: str | None) -> str | None:
     assert request_id is not None
     for record in reversed(stack.audit_records()):
@@ -234,6 +242,7 @@ def test_unbound_token_from_the_idp_is_accepted_through_discovery(world: World) 
     """Configured by issuer URL alone, aigis finds the IdP's keys and serves its token's call."""
     outcome = add(world.stack, "demo", world.idp.token(world.stack))
     assert (outcome.code, outcome.value) == (grpc.StatusCode.OK, 5)
+    assert jwks_fetches(world.stack, world.idp.issuer, "ok") >= 1
 
 
 def test_token_without_the_needed_scope_is_refused(world: World) -> None:
@@ -293,3 +302,5 @@ def test_unreachable_idp_is_unavailable_not_unauthenticated(tmp_path: Path) -> N
         assert outcome.code is grpc.StatusCode.UNAVAILABLE
         assert "retry later" in outcome.details
         assert _audit_reason(stack, outcome.request_id) == "token_keys_unavailable"
+        assert jwks_fetches(stack, dead, "failed") == 1
+        assert jwks_fetches(stack, dead, "ok") == 0

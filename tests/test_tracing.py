@@ -166,3 +166,15 @@ def test_tracing_is_off_by_default(tmp_path: Path) -> None:
     with private_stack(tmp_path) as plain, sdk(plain) as client:
         assert client.add(2, 3) == 5
     assert server_spans(ADD, wait=0.5) == []
+
+
+def test_stream_messages_naming_a_model_are_events_too(stack: RunningStack) -> None:
+    """ClassifyStream is judged per message (the model each names): one event per message."""
+    samples = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples"
+    with sdk(stack) as client:
+        results = list(client.classify_stream([samples / "7.png", samples / "3.png"]))
+    assert [r.category for r in results] == ["7", "3"]
+    (span,) = server_spans("aigis.classifier.v1.ImageClassificationService/ClassifyStream")
+    messages = [e for e in span.events if e.name == "aigis.check.message_decision"]
+    assert len(messages) == 2
+    assert all((e.attributes or {}).get("aigis.authorized") is True for e in messages)

@@ -25,6 +25,8 @@ from private_stack import private_stack
 from aigis.calculator.v1 import calculator_pb2 as calc
 from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
 from aigis.client_sdk import AsyncClient, Client, PermissionDeniedError, StaticToken
+from aigis.server import tracing
+from aigis.server.app import StartupError
 
 ADD = "aigis.calculator.v1.Calculator/Add"
 FIBONACCI = "aigis.calculator.v1.Calculator/Fibonacci"
@@ -178,3 +180,13 @@ def test_stream_messages_naming_a_model_are_events_too(stack: RunningStack) -> N
     messages = [e for e in span.events if e.name == "aigis.check.message_decision"]
     assert len(messages) == 2
     assert all((e.attributes or {}).get("aigis.authorized") is True for e in messages)
+
+
+def test_tracing_without_the_extra_stops_start_up_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[tracing] enabled where OpenTelemetry is not installed: a clear start-up error, not a traceback."""
+    monkeypatch.setattr(tracing, "trace", None)  # as after a failed `import opentelemetry`
+    with (
+        pytest.raises(StartupError, match=r"pip install 'aigis\[otel\]'"),
+        private_stack(tmp_path, tracing_enabled=True),
+    ):
+        pass

@@ -69,12 +69,15 @@ class Enforcer:
         self._trace_id = trace_id
 
     async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None, *,
-                      request_streaming: bool = False) -> Verdict:
+                      request_streaming: bool = False, provisional: bool = False) -> Verdict:
         """Return the verdict when the call may proceed; otherwise audit and abort it (raises).
 
         `model` is the model the call names (None: it names none; ANY_MODEL: a stream whose
         messages name it, each then judged by `enforce_model`). `request_streaming`: the denial is
-        also announced in the response headers (STATUS_HEADER), see `_deny`."""
+        also announced in the response headers (STATUS_HEADER), see `_deny`. `provisional` (with
+        ANY_MODEL): a unary request that names its model in a body not yet decoded — an
+        authenticated caller's verdict (allowed, or refused by the policy) is not settled here but
+        handed to `enforce_model` once the body is decoded (decode after the check)."""
         try:
             verdict = await self._guard.check(method, context, model)
         except Exception:
@@ -84,6 +87,11 @@ class Enforcer:
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
             await self._deny(method, context, verdict, request_id, model, announce=request_streaming)
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
+        if provisional and (verdict.decision.allowed or verdict.decision.status is grpc.StatusCode.PERMISSION_DENIED):
+            # The caller is authenticated: its body may be decoded, and `enforce_model` decides (and
+            # audits, with the model the body names). An unauthenticated caller is denied here, its
+            # body unread (audited with model "*").
+            return verdict
         return await self._settle(method, context, verdict, model, announce=request_streaming)
 
     async def enforce_model(self, method: str, context: aio.ServicerContext, verdict: Verdict,

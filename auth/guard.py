@@ -63,6 +63,10 @@ class RevokedClients:
         return token.client_id in self.client_ids and token.issuer == self.issuer
 
 
+# What `_authenticate` returns for a caller that passed every check before the policy.
+_AUTHENTICATED = Decision.allow("", "")
+
+
 class Guard:
     """Decides one RPC from its servicer context. Policy and CRL can be swapped while serving."""
 
@@ -129,6 +133,12 @@ class Guard:
         return verdict
 
     async def _check(self, method: str, context: Any, model: CallModel, phase: PhaseObserver | None) -> Verdict:
+        verdict = await self._authenticate(context, phase)
+        if not verdict.decision.allowed or verdict.identity is None:
+            return verdict
+        return self._decide(method, verdict.identity, context.invocation_metadata() or (), verdict.token, model)
+
+    async def _authenticate(self, context: Any, phase: PhaseObserver | None) -> Verdict:
         try:
             identity = self.identities.from_auth_context(context.auth_context())
         except IdentityError as exc:
@@ -160,7 +170,7 @@ class Guard:
             if bound_to is None and self._require_binding:
                 return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
 
-        return self._decide(method, identity, metadata, token, model)
+        return Verdict(_AUTHENTICATED, identity, token)
 
     def authorize(self, method: str, verdict: Verdict, metadata: Sequence[Any], model: CallModel) -> Verdict:
         """The policy alone, again, for a caller already authenticated (`verdict` allowed it): each

@@ -22,7 +22,6 @@ from typing import Any, Generic, TypeVar
 from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
@@ -41,11 +40,12 @@ from aigis.auth.tokens import TokenVerifier, TrustedIssuer
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from aigis.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from aigis.server import tracing
+from aigis.server import grpc_noise, tracing
 from aigis.server.calculator import CalculatorServicer
 from aigis.server.classifier import ImageClassificationServicer
 from aigis.server.config import Config
 from aigis.server.crl_freshness import CrlFreshness
+from aigis.server.health import HealthServicer
 from aigis.server.images import ImageLimits
 from aigis.server.inference import InferenceServicer
 from aigis.server.metrics import Metrics
@@ -436,6 +436,9 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
     except (AuditError, OSError) as exc:
         raise StartupError(f"audit log: {exc}") from None
     started.callback(audit.close)
+    # grpcio logs every non-UTF-8 metadata value with a traceback: remote input, dropped and counted.
+    noise = grpc_noise.install()
+    metrics.track_suppressed_log_lines(lambda: noise.suppressed)
     metrics.certificate_files({"server": pki.server_cert, "ca": pki.ca_cert})
     metrics.track_audit_queue(lambda: audit.pending)
     audit.on_drop = metrics.track_audit_log(audit.path.name, lambda: audit.anchor[0])
@@ -490,6 +493,9 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
         ),
         registrar,
     )
+    # Last: any path no service has still goes through the checks (denied and audited, or
+    # UNIMPLEMENTED for a caller the policy allows), instead of grpc's unchecked UNIMPLEMENTED.
+    registrar.add_unknown_method_handler()
     try:
         port = server.add_secure_port(str(config.listen), tls.credentials())
     except RuntimeError as exc:

@@ -8,11 +8,13 @@ two dict lookups, a counter increment and a histogram observation (~1.5 µs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from aigis.auth.decision import Decision
 
@@ -21,6 +23,16 @@ log = logging.getLogger("aigis.metrics")
 # From 100 µs (a cached-token Add) to 10 s (a long stream).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _CallbackCounter(Collector):
+    """A counter whose value lives elsewhere (read at scrape time)."""
+
+    def __init__(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+        self._name, self._documentation, self._value = name, documentation, value
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._value())
 
 
 class Metrics:
@@ -148,6 +160,14 @@ class Metrics:
     def jwks_fetch(self, issuer: str, succeeded: bool) -> None:
         """The token verifier's hook: one JWK Set fetch attempt (labels: configured issuers only)."""
         self.jwks_fetches.labels(issuer, "ok" if succeeded else "failed").inc()
+
+    def track_suppressed_log_lines(self, count: Callable[[], float]) -> None:
+        """Export a process-wide count of log lines dropped as remote noise (server/grpc_noise.py)."""
+        self.registry.register(_CallbackCounter(
+            "aigis_grpc_log_lines_suppressed",
+            "grpcio log lines about a peer's malformed request metadata, dropped instead of logged.",
+            count,
+        ))  # fmt: skip
 
     def track_audit_queue(self, depth: Callable[[], float]) -> None:
         self.audit_queue.set_function(depth)

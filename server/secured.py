@@ -15,6 +15,7 @@ failed call carries trailing metadata `aigis-request-id`; the client learns noth
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -28,13 +29,15 @@ from grpc import aio
 from aigis.auth.enforcer import REQUEST_ID_KEY, Enforcer, new_request_id
 from aigis.auth.guard import Verdict
 from aigis.auth.policy import ANY_MODEL, CallModel, ModelRef
-from aigis.server.errors import ResourceExhausted, ServiceError
+from aigis.server.errors import InvalidArgument, ResourceExhausted, ServiceError
 from aigis.server.metrics import Metrics
 from aigis.server.tracing import RpcTracer
 
 log = logging.getLogger("aigis.secured")
 
 _INTERNAL_MESSAGE = "internal error"
+#: The metrics label of every path no service serves (their names are the caller's invention).
+UNKNOWN_METHOD = "<unknown>"
 
 # The verdict of the call's open, handed to its per-message checks (same task, set just before).
 _OPEN_VERDICT: ContextVar[Verdict] = ContextVar("aigis_open_verdict")
@@ -64,6 +67,25 @@ class SecuredRegistrar:
     def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
         secured = tuple(_SecuredGenericHandler(g, self._security) for g in generic_handlers)
         self._server.add_generic_rpc_handlers(secured)
+
+    def add_unknown_method_handler(self) -> None:
+        """Register after every service: grpc consults generic handlers in order, after the
+        registered methods, so this one sees exactly the paths nothing else serves."""
+        self._server.add_generic_rpc_handlers((_UnknownMethods(self._security),))
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    """Every unknown path, checked as a proxy's RBAC would: an unauthenticated or unauthorized
+    caller gets the usual audited denial, an allowed one UNIMPLEMENTED. Without it grpc answers
+    UNIMPLEMENTED before any check, and a certificate holder could map the API without a token."""
+
+    def __init__(self, security: SecurityInterceptor) -> None:
+        self._security = security
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = str(handler_call_details.method)  # type: ignore[attr-defined]
+        # Stream-stream with raw bytes fits every call shape on the wire; nothing is decoded.
+        return grpc.stream_stream_rpc_method_handler(functools.partial(self._security.refuse_unknown, method))
 
 
 class _SecuredGenericHandler(grpc.GenericRpcHandler):
@@ -118,21 +140,45 @@ class SecurityInterceptor(aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = grpc.experimental.wrap_server_method_handler(
-            lambda behavior: self._traced(method, self._wrap_behavior(method, behavior, handler.request_streaming)),
-            handler,
+        # grpc would decode the body before any wrapper runs (a garbage body: UNKNOWN with the
+        # library's exception name, or a logged traceback, without our checks): the handler gets the
+        # raw bytes, and the wrapper decodes them after the check (FACTS.md).
+        decode = handler.request_deserializer
+        raw = handler._replace(request_deserializer=None)  # type: ignore[attr-defined]
+        wrapped = grpc.experimental.wrap_server_method_handler(  # type: ignore[attr-defined]
+            lambda behavior: self._traced(
+                method, self._wrap_behavior(method, behavior, handler.request_streaming, decode)
+            ),
+            raw,
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    async def refuse_unknown(self, method: str, request_iterator: Any, context: aio.ServicerContext) -> None:
+        """An unknown `method`: the checks, then UNIMPLEMENTED. Metrics label it UNKNOWN_METHOD, so
+        a client inventing paths cannot grow the metrics."""
+        started = perf_counter()
+        try:
+            await self._enforcer.enforce(method, context, request_streaming=True)
+        except aio.AbortError:
+            if self._metrics is not None:
+                code = context.code()
+                name = code.name if code is not None else "UNKNOWN"
+                self._metrics.done(UNKNOWN_METHOD, name, perf_counter() - started)
+            raise
+        if self._metrics is not None:
+            self._metrics.done(UNKNOWN_METHOD, "UNIMPLEMENTED", perf_counter() - started)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method",
+                            trailing_metadata=((REQUEST_ID_KEY, new_request_id()),))
 
     def _traced(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         """Outermost: the span covers the checks, the servicer and the error mapping."""
         return behavior if self._tracer is None else self._tracer.wrap(method, behavior)
 
     def _wrap_behavior(
-        self, method: str, behavior: Callable[..., Any], request_streaming: bool
+        self, method: str, behavior: Callable[..., Any], request_streaming: bool,
+        decode: Callable[[bytes], Any] | None = None,
     ) -> Callable[..., Any]:
-        enforce = self._enforce
         fail = self._fail
         metrics = self._metrics
         model_of = self._models.get(method)
@@ -140,19 +186,24 @@ class SecurityInterceptor(aio.ServerInterceptor):
             behavior = _cap_request_stream(behavior, self._max_stream_messages)
             if model_of is not None:
                 behavior = self._check_each_message(method, behavior, model_of)
+            # Outermost, so applied first: each message is decoded as the servicer pulls it, which
+            # is only after the open was checked.
+            behavior = _decode_request_stream(behavior, decode)
 
-        def call_model(request: Any) -> CallModel:
-            """What the open of this call names: a unary request's model, or (streams) any model."""
-            if model_of is None:
-                return None
-            return ANY_MODEL if request_streaming else model_of(request)
+        async def admit(raw: Any, context: aio.ServicerContext, started: float,
+                        streaming: bool) -> tuple[Any, Callable[[], None] | None]:
+            try:
+                return await self._admit(method, context, started, raw, decode, model_of,
+                                         request_streaming=request_streaming, streaming=streaming)
+            except _Undecodable as exc:
+                await fail(method, context, InvalidArgument(exc.message), started)
+                raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
 
         if inspect.isasyncgenfunction(behavior):
 
-            async def checked_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def checked_stream(raw: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                release = await enforce(method, context, started, call_model(request), streaming=True,
-                                        request_streaming=request_streaming)
+                request, release = await admit(raw, context, started, True)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -178,10 +229,9 @@ class SecurityInterceptor(aio.ServerInterceptor):
             async def behavior(request: Any, context: aio.ServicerContext) -> Any:
                 return sync_behavior(request, context)
 
-        async def checked(request: Any, context: aio.ServicerContext) -> Any:
+        async def checked(raw: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            release = await enforce(method, context, started, call_model(request), streaming=request_streaming,
-                                    request_streaming=request_streaming)
+            request, release = await admit(raw, context, started, request_streaming)
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
@@ -223,19 +273,34 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         return unary_checked
 
-    async def _enforce(self, method: str, context: aio.ServicerContext, started: float,
-                       model: CallModel = None, *, streaming: bool = False,
-                       request_streaming: bool = False) -> Callable[[], None] | None:
-        """Enforce (and for a stream take one of its principal's slots: the returned release); a
-        denied call's duration and code are counted before its abort propagates."""
+    async def _admit(self, method: str, context: aio.ServicerContext, started: float, raw: Any,
+                     decode: Callable[[bytes], Any] | None, model_of: ModelOf | None, *,
+                     request_streaming: bool, streaming: bool) -> tuple[Any, Callable[[], None] | None]:
+        """Check the call, then decode a unary request body (only an allowed caller's; for a method
+        whose request names a model, a caller allowed it for some model, whose named model the
+        policy then judges); a stream takes one of its principal's slots. Returns the request and the slot's
+        release. A denied call's duration and code are counted before its abort propagates."""
+        enforcer = self._enforcer
         try:
-            verdict = await self._enforcer.enforce(method, context, model, request_streaming=request_streaming)
+            model: CallModel = None
+            if request_streaming or model_of is None:
+                model = ANY_MODEL if model_of is not None else None
+                verdict = await enforcer.enforce(method, context, model, request_streaming=request_streaming)
+                request = raw if request_streaming else _decoded(decode, raw)
+            else:
+                # The model is in the body: may this caller use the method with any model? Only
+                # then decode, and judge the model named (audited once, with that model).
+                opened = await enforcer.enforce(method, context, ANY_MODEL, provisional=True)
+                request = _decoded(decode, raw)
+                model = model_of(request)
+                verdict = await enforcer.enforce_model(method, context, opened, model)
             _OPEN_VERDICT.set(verdict)
-            if not streaming:
-                return None
-            return await self._enforcer.hold_stream(
-                method, context, verdict, model, request_streaming=request_streaming
-            )
+            release = None
+            if streaming:
+                release = await enforcer.hold_stream(
+                    method, context, verdict, model, request_streaming=request_streaming
+                )
+            return request, release
         except aio.AbortError:
             if self._metrics is not None:
                 code = context.code()
@@ -253,6 +318,57 @@ class SecurityInterceptor(aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.done(method, code.name, perf_counter() - started)
         await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
+
+
+class _Undecodable(Exception):
+    """A request body that is not the method's message (raised only after the caller's check)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _decoded(decode: Callable[[bytes], Any] | None, raw: Any) -> Any:
+    """The request message from its bytes; _Undecodable names the expected type, nothing more."""
+    if decode is None:
+        return raw
+    try:
+        return decode(raw)
+    except Exception:
+        raise _Undecodable(f"request is not a valid {_message_name(decode)} message") from None
+
+
+def _message_name(decode: Callable[[bytes], Any]) -> str:
+    descriptor = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "")) or "protobuf"
+
+
+def _decode_request_stream(behavior: Callable[..., Any], decode: Callable[[bytes], Any] | None) -> Callable[..., Any]:
+    """Decode each message of a request stream as the servicer pulls it: INVALID_ARGUMENT if one is
+    not the method's message."""
+    if decode is None:
+        return behavior
+
+    async def decoded(request_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in request_iterator:
+            try:
+                message = decode(raw)
+            except Exception:
+                raise InvalidArgument(f"request is not a valid {_message_name(decode)} message") from None
+            yield message
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream_decoded(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in behavior(decoded(request_iterator), context):
+                yield response
+
+        return stream_decoded
+
+    async def unary_decoded(request_iterator: Any, context: aio.ServicerContext) -> Any:
+        return await behavior(decoded(request_iterator), context)
+
+    return unary_decoded
 
 
 def _cap_request_stream(behavior: Callable[..., Any], cap: int) -> Callable[..., Any]:

@@ -87,7 +87,8 @@ class Enforcer:
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
             await self._deny(method, context, verdict, request_id, model, announce=request_streaming)
             raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
-        if provisional and (verdict.decision.allowed or verdict.decision.status is grpc.StatusCode.PERMISSION_DENIED):
+        authenticated = verdict.decision.allowed or verdict.decision.status is grpc.StatusCode.PERMISSION_DENIED
+        if provisional and authenticated:
             # The caller is authenticated: its body may be decoded, and `enforce_model` decides (and
             # audits, with the model the body names). An unauthenticated caller is denied here, its
             # body unread (audited with model "*").

@@ -83,7 +83,7 @@ class _UnknownMethods(grpc.GenericRpcHandler):
         self._security = security
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = str(handler_call_details.method)  # type: ignore[attr-defined]
+        method = str(handler_call_details.method)
         # Stream-stream with raw bytes fits every call shape on the wire; nothing is decoded.
         return grpc.stream_stream_rpc_method_handler(functools.partial(self._security.refuse_unknown, method))
 
@@ -144,8 +144,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
         # library's exception name, or a logged traceback, without our checks): the handler gets the
         # raw bytes, and the wrapper decodes them after the check (FACTS.md).
         decode = handler.request_deserializer
-        raw = handler._replace(request_deserializer=None)  # type: ignore[attr-defined]
-        wrapped = grpc.experimental.wrap_server_method_handler(  # type: ignore[attr-defined]
+        raw = handler._replace(request_deserializer=None)
+        wrapped = grpc.experimental.wrap_server_method_handler(
             lambda behavior: self._traced(
                 method, self._wrap_behavior(method, behavior, handler.request_streaming, decode)
             ),

@@ -130,7 +130,7 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(tmp_path: Pa
         failed = sum(n for code, n in seen.codes.items() if code != "OK")
         print(f"\nworker kill -9 under load: {seen.codes['OK']} calls OK, {failed} failed "
               f"({dict(seen.codes)}); worker back after {back_after:.1f} s")
-        assert back_after < 10
+        assert back_after < 15  # 0.5 s backoff + a spawned interpreter's start on a busy machine
         assert failed <= 24, seen.codes  # at most the 6 x 4 calls in flight; not later calls
         assert seen.codes["OK"] > 100
         # The restarted worker serves, and continues its own chain.

@@ -46,11 +46,12 @@ class Reason(enum.StrEnum):
     # Identified and allowed, but over its request budget: RESOURCE_EXHAUSTED.
     RATE_LIMITED = "rate_limited"  # the principal's token bucket is empty
     STREAM_LIMIT = "stream_limit"  # the principal already holds its maximum of concurrent streams
+    TOO_MANY_DENIALS = "too_many_denials"  # the principal was denied too often lately (its denial budget is empty)
 
 
 # The one place a deny reason becomes a status code. Unidentified -> UNAUTHENTICATED,
 # identified but not allowed -> PERMISSION_DENIED.
-_OVER_BUDGET = {Reason.RATE_LIMITED, Reason.STREAM_LIMIT}
+_OVER_BUDGET = {Reason.RATE_LIMITED, Reason.STREAM_LIMIT, Reason.TOO_MANY_DENIALS}
 _PERMISSION_DENIED = {Reason.SCOPE_MISSING, Reason.POLICY_DENIED, Reason.NO_MATCHING_RULE}
 REASON_STATUS: dict[Reason, grpc.StatusCode] = {
     reason: (

@@ -172,6 +172,7 @@ class Enforcer:
         stream, and grpc.aio clients can then lose the status (grpc/grpc#36066); the code and the
         request id also go out in the response headers, which those clients always receive."""
         code = verdict.decision.status
+        self._guard.spend_denial(verdict)
         if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_DENIALS:
             # A denial the client sees is on disk first (auth.audit.Durability); if it cannot be
             # made durable, the client sees UNAVAILABLE instead, never an unrecorded denial.

@@ -1,8 +1,11 @@
 """The check pipeline every RPC goes through, in a fixed order, producing a Decision.
 
-certificate identity (client-certificate policy) -> revocation -> rate limit -> bearer token ->
-certificate binding (RFC 8705) -> authorization policy. The first failure decides; any unexpected
-error is a denial (fail closed). Everything repeatable is cached: parsed
+certificate identity (client-certificate policy) -> revocation -> denial budget -> rate limit ->
+bearer token -> certificate binding (RFC 8705) -> authorization policy. The first failure decides;
+any unexpected error is a denial (fail closed). Every denial of an identified principal spends one
+token of its denial budget; a principal whose budget is empty is refused (`too_many_denials`)
+before any token work, so a flooder of forged tokens or forbidden calls is contained while a busy
+principal that is not denied is never slowed. Everything repeatable is cached: parsed
 certificates (IdentityCache), verified tokens (TokenVerifier), and policy decisions for
 (certificate, method, scopes) when the policy does not look at headers.
 
@@ -78,6 +81,7 @@ class Guard:
         revocations: RevocationList | None = None,
         identities: IdentityCache | None = None,
         rate_limiter: RateLimiter | None = None,
+        denial_budget: RateLimiter | None = None,
         require_binding: bool = False,
         shadow_policy: Policy | None = None,
         on_phase: PhaseObserver | None = None,
@@ -87,6 +91,7 @@ class Guard:
         self.revoked_clients = revoked_clients or RevokedClients()
         self.identities = identities or IdentityCache()
         self._rate_limiter = rate_limiter
+        self._denial_budget = denial_budget
         self._require_binding = require_binding
         self._revocations = revocations or RevocationList()
         self._decisions: dict[tuple[str, str, frozenset[str] | None, CallModel], tuple[Decision, Decision | None]] = {}
@@ -147,6 +152,8 @@ class Guard:
             return Verdict(Decision.deny(Reason.CERT_REVOKED), identity)
         if phase is not None:
             phase("certificate", {"aigis.principal": identity.principal})
+        if self._denial_budget is not None and self._denial_budget.exhausted(identity.principal):
+            return Verdict(Decision.deny(Reason.TOO_MANY_DENIALS), identity)
         if self._rate_limiter is not None and not self._rate_limiter.allow(identity.principal):
             return Verdict(Decision.deny(Reason.RATE_LIMITED), identity)
 
@@ -171,6 +178,14 @@ class Guard:
                 return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
 
         return Verdict(_AUTHENTICATED, identity, token)
+
+    def spend_denial(self, verdict: Verdict) -> None:
+        """A denial of an identified principal spends one token of its denial budget (the enforcer
+        calls this for every denial it answers: check, stream cap, per-message policy). A refusal for
+        an empty budget spends none, so the budget refills at its rate however hard the flood."""
+        budget, identity = self._denial_budget, verdict.identity
+        if budget is not None and identity is not None and verdict.decision.reason is not Reason.TOO_MANY_DENIALS:
+            budget.allow(identity.principal)
 
     def authorize(self, method: str, verdict: Verdict, metadata: Sequence[Any], model: CallModel) -> Verdict:
         """The policy alone, again, for a caller already authenticated (`verdict` allowed it): each

@@ -423,6 +423,9 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
         rate_limiter=RateLimiter(RateLimit(limits.rate_per_second, limits.rate_burst))
         if limits.rate_per_second > 0
         else None,
+        denial_budget=RateLimiter(RateLimit(limits.denial_rate_per_second, limits.denial_burst))
+        if limits.denial_rate_per_second > 0
+        else None,
         require_binding=config.require_bound_tokens,
         revoked_clients=revoked,
     )

@@ -143,6 +143,10 @@ class Limits:
 
     rate_per_second: float = 0.0  # per-principal token bucket refill; 0 turns rate limiting off
     rate_burst: int = 100
+    # Per-principal budget that only denials spend: past `denial_burst` denials (refilled at
+    # `denial_rate_per_second`) the principal is refused before token work; 0 turns it off.
+    denial_rate_per_second: float = 5.0
+    denial_burst: int = 50
     max_metadata_bytes: int = 16 * 1024  # request headers, tokens included (gRPC's own hard limit)
     max_concurrent_streams: int = 100  # per connection
     max_stream_messages: int = 10_000  # per client stream (Sum, RunningSum, ClassifyStream, ...)
@@ -460,9 +464,14 @@ def _limits(section: _Section) -> Limits:
     rate = section.get("rate_per_second", (int, float), d.rate_per_second)
     if rate < 0:
         raise ConfigError(f"limits.rate_per_second: must be 0 (off) or more, got {rate!r}")
+    denial_rate = section.get("denial_rate_per_second", (int, float), d.denial_rate_per_second)
+    if denial_rate < 0:
+        raise ConfigError(f"limits.denial_rate_per_second: must be 0 (off) or more, got {denial_rate!r}")
     return Limits(
         rate_per_second=float(rate),
         rate_burst=section.positive("rate_burst", d.rate_burst, int),
+        denial_rate_per_second=float(denial_rate),
+        denial_burst=section.positive("denial_burst", d.denial_burst, int),
         max_metadata_bytes=section.positive("max_metadata_bytes", d.max_metadata_bytes, int),
         max_concurrent_streams=section.positive("max_concurrent_streams", d.max_concurrent_streams, int),
         max_stream_messages=section.positive("max_stream_messages", d.max_stream_messages, int),

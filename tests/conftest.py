@@ -21,7 +21,7 @@ from aigis.auth.audit import read_records
 from aigis.auth.certs import init_pki, issue_client, revoke_client
 from aigis.auth.pki import PkiPaths
 from aigis.server.app import AigisServer, start_server
-from aigis.server.config import BUNDLED_POLICY, Config, HostPort, IssuerSettings
+from aigis.server.config import BUNDLED_POLICY, Config, HostPort, IssuerSettings, Limits
 
 CALC = "calculator:compute"
 PREDICT = "classifier:predict"
@@ -99,6 +99,9 @@ def policy_with_deny_rule(directory: Path) -> Path:
 def stack_config(pki: PkiPaths, audit_log: Path, **changes: Any) -> Config:
     changes.setdefault("policy", policy_with_deny_rule(audit_log.parent))
     changes.setdefault("issuer", IssuerSettings(listen=HostPort("127.0.0.1", 0)))
+    # The attack tables deny one principal hundreds of times on purpose: the denial budget (on by
+    # default) would answer them `too_many_denials`. Tests of the budget pass their own limits.
+    changes.setdefault("limits", replace(Limits(), denial_rate_per_second=0.0))
     return replace(
         Config(),
         listen=HostPort("127.0.0.1", 0),

@@ -77,6 +77,9 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         pytest.param("[issuer]\ntoken_ttl_seconds = 0\n", "issuer.token_ttl_seconds", id="token-ttl-zero"),
         pytest.param('[auth]\nalgorithms = ["ES256", "HS512"]\n', "auth.algorithms[1]: 'HS512' is not one of",
                      id="alg-second-hmac"),
+        pytest.param("[limits]\ndenial_rate_per_second = -1\n", "limits.denial_rate_per_second: must be 0",
+                     id="denial-rate-negative"),
+        pytest.param("[limits]\ndenial_burst = 0\n", "limits.denial_burst", id="denial-burst-zero"),
         pytest.param("[server\n", "invalid TOML", id="bad-toml"),
     ],
 )

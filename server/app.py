@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 
 from aigis.auth.audit import AuditError, AuditLog
+from aigis.auth.bounded_http import HttpLimits
 from aigis.auth.clients import RegistryError, load_registry
 from aigis.auth.enforcer import Enforcer
 from aigis.auth.guard import Guard, RevokedClients
@@ -228,6 +229,29 @@ class FileWatcher(Generic[T]):
         log.info("reloaded %s", self.path)
 
 
+def issuer_library_config(config: Config, trust_domain: str) -> IssuerConfig:
+    """The issuer library's settings from aigis.toml (embedded here, or alone: `aigis issuer`)."""
+    settings = config.issuer
+    timeout = settings.request_timeout_seconds
+    return IssuerConfig(
+        paths=config.pki,
+        host=settings.listen.host,
+        port=settings.listen.port,
+        issuer_url=settings.url or None,
+        audience=settings.audience,
+        token_ttl=settings.token_ttl,
+        trust_domain=trust_domain,
+        http=HttpLimits(
+            max_connections=settings.max_connections,
+            max_connections_per_peer=settings.max_connections_per_peer,
+            header_seconds=timeout,
+            body_seconds=timeout,
+            connection_seconds=max(15.0, 3 * timeout),
+        ),
+        secret_check_workers=settings.secret_check_threads,
+    )
+
+
 def issuer_events(metrics: Metrics) -> IssuerEvents:
     """The issuer's counters, as this server's metrics."""
     return IssuerEvents(
@@ -371,15 +395,7 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
     issuer: IssuerServer | None = None
     if config.issuer.enabled:
         issuer = IssuerServer(
-            IssuerConfig(
-                paths=pki,
-                host=config.issuer.listen.host,
-                port=config.issuer.listen.port,
-                issuer_url=config.issuer.url or None,
-                audience=config.issuer.audience,
-                token_ttl=config.issuer.token_ttl,
-                trust_domain=cert_policy.trust_domain,
-            ),
+            issuer_library_config(config, cert_policy.trust_domain),
             events=issuer_events(metrics),
             revocations=shared_crl,
         )

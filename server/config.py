@@ -92,6 +92,12 @@ class IssuerSettings:
     url: str = ""  # the `iss` value; empty means the listener's own URL, https://127.0.0.1:8443
     audience: str = "aigis"
     token_ttl: timedelta = DEFAULT_TOKEN_TTL
+    # What unauthenticated strangers may hold (auth/bounded_http.py): connections overall and per
+    # peer address, and the deadline for a request's head and for its body (each).
+    max_connections: int = 256
+    max_connections_per_peer: int = 32
+    request_timeout_seconds: float = 5
+    secret_check_threads: int = 2  # concurrent scrypt checks, ~16 MiB each
 
     def endpoint_url(self, port: int | None = None) -> str:
         """Where clients reach the issuer (auth.urls: the same rule the running issuer uses)."""
@@ -398,7 +404,17 @@ def config_from_mapping(
         url=issuer_url,
         audience=issuer.get("audience", str, "aigis") or _empty("issuer.audience"),
         token_ttl=_token_ttl(issuer.positive("token_ttl_seconds", int(DEFAULT_TOKEN_TTL.total_seconds()), int)),
+        max_connections=issuer.positive("max_connections", IssuerSettings.max_connections, int),
+        max_connections_per_peer=issuer.positive(
+            "max_connections_per_peer", IssuerSettings.max_connections_per_peer, int
+        ),
+        request_timeout_seconds=issuer.positive("request_timeout_seconds", IssuerSettings.request_timeout_seconds),
+        secret_check_threads=issuer.positive("secret_check_threads", IssuerSettings.secret_check_threads, int),
     )
+    if issuer_settings.max_connections_per_peer > issuer_settings.max_connections:
+        raise ConfigError("issuer.max_connections_per_peer: must not exceed issuer.max_connections")
+    if issuer_settings.secret_check_threads > 16:
+        raise ConfigError(f"issuer.secret_check_threads: at most 16, got {issuer_settings.secret_check_threads}")
     config = Config(
         listen=parse_host_port(listen, server.key("listen")) if listen else default.listen,
         certs=server.path("certs", default.certs) or default.certs,
@@ -646,6 +662,10 @@ def config_to_mapping(config: Config) -> dict[str, Any]:
             "url": config.issuer.url,
             "audience": config.issuer.audience,
             "token_ttl_seconds": int(config.issuer.token_ttl.total_seconds()),
+            "max_connections": config.issuer.max_connections,
+            "max_connections_per_peer": config.issuer.max_connections_per_peer,
+            "request_timeout_seconds": config.issuer.request_timeout_seconds,
+            "secret_check_threads": config.issuer.secret_check_threads,
         },
         "audit": {
             "path": str(config.audit_log),

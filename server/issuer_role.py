@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aigis.auth.issuer import IssuerConfig, IssuerError, IssuerServer
-from aigis.server.app import StartupError, issuer_events
+from aigis.server.app import StartupError, issuer_events, issuer_library_config
 from aigis.server.config import Config
 from aigis.server.crl_freshness import CrlFreshness
 from aigis.server.metrics import Metrics
@@ -31,16 +31,7 @@ log = logging.getLogger("aigis.issuer_role")
 
 def issuer_config(config: Config) -> IssuerConfig:
     """The issuer library's settings from aigis.toml."""
-    settings = config.issuer
-    return IssuerConfig(
-        paths=config.pki,
-        host=settings.listen.host,
-        port=settings.listen.port,
-        issuer_url=settings.url or None,
-        audience=settings.audience,
-        token_ttl=settings.token_ttl,
-        trust_domain=config.trust_domain,
-    )
+    return issuer_library_config(config, config.trust_domain)
 
 
 @dataclass

@@ -60,6 +60,13 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         pytest.param('[auth]\nalgorithms = ["HS256"]\n', "auth.algorithms[0]", id="alg-hmac"),
         pytest.param("[auth]\nleeway_seconds = 3600\n", "auth.leeway_seconds", id="leeway-huge"),
         pytest.param('[issuer]\nurl = "http://x"\n', "issuer.url: must be an https:// URL", id="issuer-http"),
+        pytest.param("[issuer]\nmax_connections = 0\n", "issuer.max_connections", id="issuer-no-connections"),
+        pytest.param("[issuer]\nmax_connections = 8\nmax_connections_per_peer = 9\n",
+                     "issuer.max_connections_per_peer: must not exceed", id="issuer-peer-cap-over-total"),
+        pytest.param("[issuer]\nsecret_check_threads = 64\n", "issuer.secret_check_threads: at most 16",
+                     id="issuer-too-many-scrypt-threads"),
+        pytest.param("[issuer]\nrequest_timeout_seconds = -1\n", "issuer.request_timeout_seconds",
+                     id="issuer-negative-timeout"),
         pytest.param('[[auth.issuers]]\nissuer = "http://i"\naudience = "a"\n',
                      "auth.issuers[0].issuer: discovery needs an https:// issuer", id="external-discovery-http"),
         pytest.param('[[auth.issuers]]\nissuer = "https://i"\naudience = "a"\njwks_url = "https://k"\n'

@@ -744,3 +744,43 @@ def test_verify_anchor_names_the_worker_chain(log_path: Path, capsys: pytest.Cap
     assert main([*args, "--writer", "1"]) == 0
     assert main([*args, "--writer", "0"]) == 1
     assert "record 4 is cut off the end" in capsys.readouterr().out
+
+
+def test_record_durably_returns_once_the_record_is_in_the_file(log_path: Path) -> None:
+    """The awaited record is in the file when record_durably returns: what the denial path relies on."""
+    audit = AuditLog(log_path)  # durability fsync, the default
+    audit.start()
+
+    async def scenario() -> list[tuple[bool, bool]]:
+        async def one(i: int) -> tuple[bool, bool]:
+            entry = denial(i)
+            durable = await audit.record_durably(entry)
+            return durable, entry["request_id"] in await asyncio.to_thread(log_path.read_text)
+
+        return await asyncio.gather(*(one(i) for i in range(50)))
+
+    try:
+        assert asyncio.run(scenario()) == [(True, True)] * 50
+    finally:
+        audit.close()
+
+
+def test_a_record_arriving_during_close_is_refused_and_chained_as_a_shutdown_loss(log_path: Path) -> None:
+    """A record that arrives while the log closes is not durable (the caller answers UNAVAILABLE) and
+    is counted as `shutdown`, in the metric callback and in an overflow record written before the
+    writer stops (when even that cannot be written, the count is carried to the next start: see
+    tests/test_reliability.py's disk-full test)."""
+    audit = AuditLog(log_path, fsync=False)
+    dropped: list[str] = []
+    audit.on_drop = lambda cause, n: dropped.append(cause)
+    audit.start()
+    audit.record(denial(1))
+    with audit._cond:  # the instant close() has begun: closed, the writer still draining
+        audit._closed = True
+    assert asyncio.run(audit.record_durably(denial(2))) is False
+    audit.close()
+    assert dropped == ["shutdown"]
+    assert not log_path.with_name(log_path.name + ".dropped").exists()
+    overflow = [r for r in read_records(log_path) if r.get("event") == OVERFLOW_EVENT]
+    assert [(r["dropped"], r["causes"]) for r in overflow] == [(1, {"shutdown": 1})]
+    assert verify_log(log_path, None).ok

@@ -336,6 +336,17 @@ def _certificate_binding(claims: Mapping[str, Any]) -> str | None:
     return thumbprint
 
 
+# Refusals that stay true for the same token while the keys and configuration stay the same (a key
+# change clears them). Not remembered: a token not yet valid (it may become valid within seconds), an
+# unknown kid (a rotation may bring it; that miss is what triggers the re-read), keys unavailable
+# (transient), and anything unforeseen.
+_REMEMBERED_REFUSALS = frozenset(Reason) - {
+    Reason.TOKEN_NOT_YET_VALID, Reason.TOKEN_UNKNOWN_KEY, Reason.TOKEN_KEYS_UNAVAILABLE, Reason.TOKEN_INVALID,
+}
+_REFUSED_SECONDS = 5.0  # how long a refusal is remembered: bounded staleness whatever changes
+_REFUSED_CACHE_SIZE = 1024  # tokens of at most MAX_AUTHORIZATION_CHARS each
+
+
 class TokenVerifier:
     """Verifies bearer tokens from trusted issuers and caches the results until `exp`."""
 
@@ -364,6 +375,9 @@ class TokenVerifier:
         self._cache_size = cache_size
         self._clock = clock
         self._cache: dict[str, VerifiedToken] = {}
+        # Recently refused tokens and why, until a deadline on the verifier's clock: the same forged or expired
+        # token sent again is refused by one lookup, not another parse and signature check.
+        self._refused: dict[str, tuple[Reason, float]] = {}
         self._generation = 0  # bumped when keys change, so an in-flight miss cannot repopulate the cache
         self._issuers: dict[str, tuple[TrustedIssuer, _FileKeys | RemoteKeys, frozenset[str]]] = {}
         for issuer in issuers:
@@ -407,9 +421,15 @@ class TokenVerifier:
         """Read-only view of the verified-token cache (for tests and metrics)."""
         return self._cache
 
+    @property
+    def refusals(self) -> Mapping[str, tuple[Reason, float]]:
+        """Read-only view of the remembered refusals: token -> (reason, until) (for tests)."""
+        return self._refused
+
     def clear_cache(self) -> None:
         self._generation += 1
         self._cache = {}
+        self._refused = {}  # a new key may make a refused token good
 
     def reload(self) -> None:
         """Re-read JWK Set files (key rotation). Blocking: call it via asyncio.to_thread.
@@ -447,7 +467,17 @@ class TokenVerifier:
             hit = self._cache.get(token)
             if hit is not None and self._clock() < hit.expires_at:
                 return hit
-            return await self._verify_uncached(token)
+            refused = self._refused.get(token)
+            if refused is not None and self._clock() < refused[1]:
+                # A new exception each time: re-raising one instance would grow its traceback.
+                raise TokenError(refused[0], "refused moments ago")
+            generation = self._generation
+            try:
+                return await self._verify_uncached(token)
+            except TokenError as exc:
+                if exc.reason in _REMEMBERED_REFUSALS and generation == self._generation:
+                    self._remember_refusal(token, exc.reason)
+                raise
         except TokenError:
             raise
         except Exception as exc:  # fail closed on anything we did not foresee
@@ -537,6 +567,13 @@ class TokenVerifier:
         if exp - iat > max_lifetime:
             raise TokenError(Reason.TOKEN_LIFETIME_TOO_LONG, f"exp - iat = {exp - iat:.0f} s")
         return exp
+
+    def _remember_refusal(self, token: str, reason: Reason) -> None:
+        if not isinstance(token, str) or len(token) > MAX_AUTHORIZATION_CHARS:
+            return
+        if len(self._refused) >= _REFUSED_CACHE_SIZE:
+            self._refused = {}  # all-different tokens only churn it; bounded at ~8 MiB either way
+        self._refused[token] = (reason, self._clock() + _REFUSED_SECONDS)
 
     def _remember(self, token: str, verified: VerifiedToken) -> None:
         cache = self._cache

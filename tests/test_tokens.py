@@ -432,6 +432,39 @@ def test_cache_is_bounded(jwks_path: Path, factory: TokenFactory, clock: Clock) 
     assert tokens[0] not in verifier.cache
 
 
+def test_a_refused_token_sent_again_is_refused_from_memory(verifier: TokenVerifier, keys: Keys, clock: Clock) -> None:
+    """The same forged token again is refused with the same reason by one lookup (no second parse or
+    signature check), for a bounded 5 s; then it is checked afresh."""
+    forged = TokenFactory(keys.es256).make(key=SigningKey(keys.es256.kid, "ES256", keys.attacker.private_key))
+    assert refused(verifier, forged).reason is Reason.TOKEN_BAD_SIGNATURE
+    assert verifier.refusals[forged][0] is Reason.TOKEN_BAD_SIGNATURE
+    assert refused(verifier, forged).reason is Reason.TOKEN_BAD_SIGNATURE
+    clock.now += 6
+    assert verifier.refusals[forged][1] < clock.now
+    assert refused(verifier, forged).reason is Reason.TOKEN_BAD_SIGNATURE
+    assert verifier.refusals[forged][1] > clock.now
+
+
+def test_a_token_not_yet_valid_is_not_remembered(verifier: TokenVerifier, factory: TokenFactory, clock: Clock) -> None:
+    """A token refused as not yet valid is good a moment later: that refusal is not remembered."""
+    early = factory.make(nbf=int(NOW) + LEEWAY + 1)
+    assert refused(verifier, early).reason is Reason.TOKEN_NOT_YET_VALID
+    assert early not in verifier.refusals
+    clock.now += 2
+    assert verify(verifier, early).subject == "client-demo"
+
+
+def test_a_key_change_forgets_refusals(verifier: TokenVerifier, jwks_path: Path, keys: Keys) -> None:
+    """When the key set changes, a token refused under the old keys is checked again at once."""
+    signed_by_next_key = SigningKey(keys.es256.kid, "ES256", keys.attacker.private_key)
+    token = TokenFactory(keys.es256).make(key=signed_by_next_key)
+    assert refused(verifier, token).reason is Reason.TOKEN_BAD_SIGNATURE
+    write_jwks(jwks_path, [signed_by_next_key])
+    verifier.reload()
+    assert verifier.refusals == {}
+    assert verify(verifier, token).subject == "client-demo"
+
+
 # ---- key sets: files, rotation, configuration --------------------------------------------------
 
 

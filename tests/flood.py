@@ -19,6 +19,10 @@ from aigis.calculator.v1 import calculator_pb2 as calc
 from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
 
 REQUEST_ID_KEY = "aigis-request-id"
+# Every status a denial can carry (auth.decision.REASON_STATUS): each has an audit record.
+DENIAL_CODES = frozenset({
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})  # fmt: skip
 
 
 @dataclass
@@ -76,7 +80,7 @@ async def add_load(
                     seen.codes["OK"] += 1
                 except aio.AioRpcError as err:
                     seen.codes[err.code().name] += 1
-                    if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    if err.code() in DENIAL_CODES:
                         trailers = dict(err.trailing_metadata() or ())
                         seen.denial_ids.add(str(trailers.get(REQUEST_ID_KEY)))
                     elif err.code() is grpc.StatusCode.UNAVAILABLE:

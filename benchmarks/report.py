@@ -6,10 +6,8 @@ Pure functions over the JSON-ready dicts the suite collects; only `tools/bench.p
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import platform
-import pstats
 import statistics
 from collections.abc import Sequence
 from importlib import metadata
@@ -207,26 +205,46 @@ def classifier_notes(scenarios: list[dict[str, Any]], raw: list[dict[str, Any]])
     return notes
 
 
-def profile_summary(path: Path, requests: int, top: int = 25) -> dict[str, Any]:
-    """The costliest functions by cumulative and by self time, overall and in aigis's own code."""
-    stats = pstats.Stats(str(path), stream=io.StringIO())
-    rows = []
-    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{_short(filename)}:{line}({func})", "calls": ncalls,
-                     "self_us_per_req": tottime / max(requests, 1) * 1e6,
-                     "cum_us_per_req": cumtime / max(requests, 1) * 1e6, "own": _is_ours(filename)})
-    total = stats.total_tt  # type: ignore[attr-defined]
+def profile_summary(path: Path, requests: int, rate: int, top: int = 25) -> dict[str, Any]:
+    """The costliest functions by inclusive and by self time, overall and in aigis's own code, from
+    py-spy's raw collapsed stacks (`frame;frame;... count`, idle threads not sampled): samples / rate
+    is CPU time, divided by the `requests` served in the sampled window."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    per_call = 1e6 / rate / max(requests, 1)
+    rows = [{"function": frame, "calls": None, "self_us_per_req": own.get(frame, 0) * per_call,
+             "cum_us_per_req": samples * per_call, "own": _is_ours_frame(frame)}
+            for frame, samples in inclusive.items()]
 
-    def best(key: str, own: bool) -> list[dict[str, Any]]:
-        return sorted((r for r in rows if r["own"] or not own), key=lambda r: -r[key])[:top]
+    def best(key: str, ours: bool) -> list[dict[str, Any]]:
+        return sorted((r for r in rows if r["own"] or not ours), key=lambda r: -r[key])[:top]
 
-    return {"requests": requests, "total_seconds": total, "us_per_req": total / max(requests, 1) * 1e6,
+    return {"requests": requests, "sampler": f"py-spy {rate} Hz", "samples": total,
+            "total_seconds": total / rate, "us_per_req": total * per_call,
             "by_cumulative": best("cum_us_per_req", False), "by_self": best("self_us_per_req", False),
             "ours_by_cumulative": best("cum_us_per_req", True), "ours_by_self": best("self_us_per_req", True)}
 
 
-def _is_ours(filename: str) -> bool:
-    return any(f"{os.sep}{pkg}{os.sep}" in filename for pkg in ("auth", "server")) and str(REPO_ROOT) in filename
+def _frame(frame: str) -> str:
+    """`func (/path/file.py:12)` as `file path relative to the repo or site-packages:line(func)`."""
+    func, _, where = frame.partition(" (")
+    filename, _, line = where.rstrip(")").rpartition(":")
+    return f"{_short(filename or where.rstrip(')'))}:{line}({func})"
+
+
+def _is_ours_frame(frame: str) -> bool:
+    return frame.startswith(("auth/", "server/"))
 
 
 def _short(filename: str) -> str:
@@ -240,16 +258,15 @@ def render_profile(result: dict[str, Any]) -> str:
     p = result["profile"]
     w = result["window"]
     lines = [f"{result['kind']} under {result['load']} load, profiled: {p['requests']} calls, "
-             f"{fmt(w['rps'])} valid req/s (slowed by cProfile), "
-             f"event-loop thread CPU {p['us_per_req']:.1f} us/call profiled; stats in {result['profile_file']}"]
+             f"{fmt(w['rps'])} valid req/s, sampled by {p['sampler']}: server CPU {p['us_per_req']:.1f} us/call "
+             f"(all threads); raw stacks in {result['profile_file']}"]
     for title, key in (("by cumulative time, aigis code (auth/, server/)", "ours_by_cumulative"),
                        ("by self time, aigis code", "ours_by_self"),
                        ("by cumulative time, everything", "by_cumulative"),
                        ("by self time, everything", "by_self")):
-        lines += ["", f"Top {title}: us per call (cumulative | self), calls"]
+        lines += ["", f"Top {title}: us per call (inclusive | self)"]
         for r in p[key][:20]:
-            lines.append(f"  {r['cum_us_per_req']:8.1f} | {r['self_us_per_req']:7.1f}  {r['calls']:>9}  "
-                         f"{r['function']}")
+            lines.append(f"  {r['cum_us_per_req']:8.1f} | {r['self_us_per_req']:7.1f}  {r['function']}")
     return "\n".join(lines)
 
 

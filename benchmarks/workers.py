@@ -5,7 +5,10 @@
 Alternating rounds (1 worker, 2 workers, 1, 2, ...) on loopback; each round starts a fresh
 `aigis serve --workers N` and drives Calculator.Add from several load-generator processes
 (benchmarks/load.py), each on its own connection so the kernel spreads them over the workers.
-Prints req/s per round, the medians and the ratio. On a 2-core machine the load generators share
+SO_REUSEPORT spreads connections by a hash, not evenly: mid-window each round counts the established
+connections each worker process holds (/proc) and says when one worker got none, so a "2 workers"
+figure that was really one worker is marked, not averaged in silently. Prints req/s per round, the
+medians (of the rounds that spread, when any did) and the ratio. On a 2-core machine the load generators share
 the cores with the servers, so the ratio is a lower bound on what a second process buys.
 """
 
@@ -28,6 +31,40 @@ from aigis.client_sdk import ClientCredentials
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def connections_per_worker(server_pid: int, port: int) -> dict[int, int]:
+    """Established TCP connections to 127.0.0.1:`port` held by each worker process of the server."""
+    local = f"0100007F:{port:04X}"
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "01":  # 01 = ESTABLISHED
+            established.add(fields[9])  # socket inode
+    counts: dict[int, int] = {}
+    for worker in _children(server_pid) or [server_pid]:
+        held = 0
+        try:
+            for fd in Path(f"/proc/{worker}/fd").iterdir():
+                target = fd.readlink().name if fd.is_symlink() else ""
+                held += target.startswith("socket:[") and target[8:-1] in established
+        except OSError:
+            continue
+        counts[worker] = held
+    return counts
+
+
 def _token(pki: PkiPaths, issuer_url: str) -> str:
     """A real access token for client "demo" from the embedded issuer (client credentials over mTLS)."""
     credentials = ClientCredentials(
@@ -36,7 +73,9 @@ def _token(pki: PkiPaths, issuer_url: str) -> str:
     return credentials.token()
 
 
-def one_round(pki: PkiPaths, work: Path, workers: int, clients: int, in_flight: int, seconds: float) -> float:
+def one_round(pki: PkiPaths, work: Path, workers: int, clients: int, in_flight: int,
+              seconds: float) -> tuple[float, list[int]]:
+    """req/s of one round, and the connections each worker held mid-window."""
     ready = work / f"ready-{workers}-{time.monotonic_ns()}.json"
     with (work / "serve.log").open("a") as log:
         server = subprocess.Popen(
@@ -76,13 +115,16 @@ def one_round(pki: PkiPaths, work: Path, workers: int, clients: int, in_flight: 
             assert p.stdin is not None
             p.stdin.write(json.dumps({"start_at": start, "end_at": start + seconds}) + "\n")
             p.stdin.flush()
+        time.sleep(max(0.0, start + seconds / 2 - time.time()))
+        port = int(str(info["target"]).rsplit(":", 1)[1])
+        spread = sorted(connections_per_worker(server.pid, port).values())
         total = 0.0
         for p in loads:
             result = json.loads(p.stdout.readline() if p.stdout else "{}")
             if "error" in result:
                 raise RuntimeError(result["error"])
             total += result["codes"].get("OK", 0) / result["window_seconds"]
-        return total
+        return total, spread
     finally:
         for p in loads:
             if p.poll() is None:
@@ -109,14 +151,28 @@ def main(argv: list[str] | None = None) -> int:
         pki = PkiPaths(work / "certs")
         init_pki(pki, now=datetime.now(UTC))
         figures: dict[int, list[float]] = {1: [], 2: []}
+        spread_rounds: list[float] = []  # 2-worker rounds in which every worker held a connection
+        spreads: list[list[int]] = []
         for r in range(args.rounds):
             for workers in (1, 2):
-                rps = one_round(pki, work, workers, args.clients, args.in_flight, args.seconds)
+                rps, spread = one_round(pki, work, workers, args.clients, args.in_flight, args.seconds)
                 figures[workers].append(rps)
-                print(f"round {r + 1}: {workers} worker(s): {rps:,.0f} req/s", flush=True)
-        one, two = statistics.median(figures[1]), statistics.median(figures[2])
-        print(f"median: 1 worker {one:,.0f} req/s, 2 workers {two:,.0f} req/s, ratio {two / one:.2f}")
-        print(json.dumps({"workers_1": figures[1], "workers_2": figures[2], "ratio": two / one}))
+                note = ""
+                if workers == 2:
+                    spreads.append(spread)
+                    if len(spread) == 2 and min(spread) > 0:
+                        spread_rounds.append(rps)
+                    else:
+                        note = " — NOT SPREAD: one worker served every connection (SO_REUSEPORT hash)"
+                print(f"round {r + 1}: {workers} worker(s): {rps:,.0f} req/s, connections per worker {spread}{note}",
+                      flush=True)
+        one = statistics.median(figures[1])
+        two = statistics.median(spread_rounds or figures[2])
+        which = (f"{len(spread_rounds)} of {len(figures[2])} rounds spread over both workers" if spread_rounds
+                 else "no round spread over both workers: the 2-worker figure is really one worker")
+        print(f"median: 1 worker {one:,.0f} req/s, 2 workers {two:,.0f} req/s, ratio {two / one:.2f} ({which})")
+        print(json.dumps({"workers_1": figures[1], "workers_2": figures[2], "connections_per_worker": spreads,
+                          "spread_rounds": len(spread_rounds), "ratio": two / one}))
     return 0
 
 

@@ -18,7 +18,7 @@ Scenario families (`--scenarios`):
   flood     valid Add traffic alone, then beside a process sending tokens signed by a wrong key
 
 `--cnn` adds a generated 224x224 RGB CNN (tools/make_cnn.py) to the classifier scenarios.
-`--profile OUT` instead runs cProfile inside an aigis server under the highest Add load and prints
+`--profile OUT` instead samples an aigis server with py-spy under the highest Add load (raw stacks to OUT) and prints
 the functions that cost the most.
 
 The machine may be shared: each window takes a machine-wide lock (so two `aigis bench` runs take
@@ -34,11 +34,13 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -420,6 +422,22 @@ def run_suite(settings: Settings, progress: Callable[[str], None]) -> dict[str, 
             raw_rounds: dict[str, list[dict[str, Any]]] = {m.name: [] for m in suite.models}
             null_rounds: dict[str, list[dict[str, Any]]] = {m.name: [] for m in suite.models}
             want_raw = bool({"classify", "batching", "limit"} & set(settings.families))
+            # The bounds of a model (raw onnxruntime, the null-model baseline) are measured right after
+            # that model's classify windows at the highest load, inside the same round, so they
+            # alternate with the windows they bound instead of all running at a round's end.
+            bounded_by = {m.name: next((sc.name for sc in scenarios if sc.family == "classify"
+                                        and sc.rpc == "classify" and sc.model == m.name
+                                        and sc.in_flight == settings.top_in_flight), None)
+                          for m in suite.models}
+
+            def run_bounds(model: ModelSetup, r: int) -> None:
+                if want_raw:
+                    progress(f"round {r + 1}/{settings.rounds}: raw onnxruntime [{model.name}]")
+                    raw_rounds[model.name].append(suite.run_raw(model))
+                if "limit" in settings.families and "null" in model.dirs:
+                    progress(f"round {r + 1}/{settings.rounds}: null-model baseline [{model.name}]")
+                    null_rounds[model.name].append(suite.run_null(model))
+
             for r in range(settings.rounds):
                 for sc in scenarios:
                     if sc.name in skipped or sc.name in errors:
@@ -431,13 +449,12 @@ def run_suite(settings: Settings, progress: Callable[[str], None]) -> dict[str, 
                         if sc.variant != "on":
                             raise
                         errors[sc.name] = str(exc).splitlines()[0]  # a batching server that will not start
+                    for model in suite.models:
+                        if bounded_by[model.name] == sc.name:
+                            run_bounds(model, r)
                 for model in suite.models:
-                    if want_raw:
-                        progress(f"round {r + 1}/{settings.rounds}: raw onnxruntime [{model.name}]")
-                        raw_rounds[model.name].append(suite.run_raw(model))
-                    if "limit" in settings.families and "null" in model.dirs:
-                        progress(f"round {r + 1}/{settings.rounds}: null-model baseline [{model.name}]")
-                        null_rounds[model.name].append(suite.run_null(model))
+                    if bounded_by[model.name] is None:
+                        run_bounds(model, r)
         finally:
             suite.close()
     results_list = []
@@ -514,15 +531,21 @@ def limit_results(settings: Settings, suite: Suite, scenarios: list[dict[str, An
 
 def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], load: str = "add",
                 kind: str = "aigis") -> dict[str, Any]:
-    """cProfile inside one server (aigis, or the baseline to compare) during one window of Add at
-    the highest load, or with `load="flood"` of valid Add beside the forged-token flood."""
+    """py-spy (a sampling profiler, outside the server: it does not slow small functions the way
+    cProfile's per-call hooks do) on one server (aigis, or the baseline to compare) during one window
+    of Add at the highest load, or with `load="flood"` of valid Add beside the forged-token flood.
+    `out` receives py-spy's raw collapsed stacks."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).is_file():
+        raise BenchError("--profile needs py-spy (pip install py-spy; it is in the dev extra)")
     out = out.resolve()
     with tempfile.TemporaryDirectory(prefix="aigis-bench-profile-") as tmp:
         workdir = Path(tmp)
         suite = Suite(settings, workdir)
         model = prepare_model(settings.model_dirs[0], workdir / "models", settings)
         out.unlink(missing_ok=True)
-        (server,) = start_servers((kind,), model.dirs["off"], suite.pki, workdir, "profile", profile_out=out)
+        (server,) = start_servers((kind,), model.dirs["off"], suite.pki, workdir, "profile")
+        sampler: list[subprocess.Popen[bytes]] = []
         try:
             # The baseline ignores metadata, so it needs no real token (and has no issuer).
             token = fetch_token(server, suite.pki) if kind == "aigis" else "unused"
@@ -533,20 +556,31 @@ def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], 
             else:
                 loads = suite.valid_loads("add", settings.top_in_flight, token, None)
                 what = f"Add @{settings.top_in_flight}"
-            progress(f"profiling {kind} under {what} for {settings.seconds:g} s")
+            progress(f"profiling {kind} under {what} for {settings.seconds:g} s (py-spy, {PROFILE_RATE} Hz)")
             window = run_window(server, loads, settings.timing, workdir,
-                                at_start=lambda: server.child.signal(signal.SIGUSR1),
-                                at_end=lambda: server.child.signal(signal.SIGUSR2))
-            deadline = time.monotonic() + 30  # the server renames the stats file into place when done
-            while not out.exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
+                                at_start=lambda: sampler.append(subprocess.Popen(
+                                    [spy, "record", "--pid", str(server.child.pid), "--rate", str(PROFILE_RATE),
+                                     "--duration", str(math.ceil(settings.seconds)), "--format", "raw",
+                                     "--function", "--nonblocking", "--output", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            for proc in sampler:
+                proc.wait(60)
         finally:
+            for proc in sampler:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
             server.child.stop()
     if not out.exists():
-        raise BenchError(f"the profiled server wrote no profile to {out}")
+        raise BenchError(f"py-spy wrote no profile to {out} (is ptrace allowed here?)")
     calls = window["requests"] + sum(window.get("flood", {}).get("codes", {}).values())
-    return {"kind": kind, "load": load, "window": window, "profile": profile_summary(out, calls),
+    # py-spy samples for whole seconds from the window's start; afterwards the server is idle and
+    # idle threads are not sampled, so the samples are the window's CPU, spread over its calls.
+    return {"kind": kind, "load": load, "window": window, "profile": profile_summary(out, calls, PROFILE_RATE),
             "profile_file": str(out)}
+
+
+PROFILE_RATE = 1000  # py-spy samples per second
 
 
 DURABILITIES = ("background", "write", "fsync")
@@ -872,7 +906,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--denials", action="store_true",
                    help="instead of the suite: what each [audit] durability costs denials and valid calls")
     p.add_argument("--profile", type=Path, metavar="OUT.prof",
-                   help="instead of the suite: cProfile an aigis server under Add at the highest load")
+                   help="instead of the suite: sample an aigis server with py-spy under Add at the highest load")
     p.add_argument("--profile-load", choices=("add", "flood"), default="add",
                    help="what load --profile measures (default add at the highest --in-flight)")
     p.add_argument("--profile-kind", choices=KINDS, default="aigis",

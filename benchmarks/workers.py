@@ -31,29 +31,16 @@ from aigis.client_sdk import ClientCredentials
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _children(pid: int) -> list[int]:
-    """Direct child processes of `pid` (Linux /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def connections_per_worker(server_pid: int, port: int) -> dict[int, int]:
-    """Established TCP connections to 127.0.0.1:`port` held by each worker process of the server."""
-    local = f"0100007F:{port:04X}"
+def connections_per_worker(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections to local `port` (IPv4 or IPv6) held by each of the processes `pids`."""
     established = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[3] == "01":  # 01 = ESTABLISHED
-            established.add(fields[9])  # socket inode
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "01":  # 01 = ESTABLISHED
+                established.add(fields[9])  # socket inode
     counts: dict[int, int] = {}
-    for worker in _children(server_pid) or [server_pid]:
+    for worker in pids:
         held = 0
         try:
             for fd in Path(f"/proc/{worker}/fd").iterdir():
@@ -117,7 +104,7 @@ def one_round(pki: PkiPaths, work: Path, workers: int, clients: int, in_flight: 
             p.stdin.flush()
         time.sleep(max(0.0, start + seconds / 2 - time.time()))
         port = int(str(info["target"]).rsplit(":", 1)[1])
-        spread = sorted(connections_per_worker(server.pid, port).values())
+        spread = sorted(connections_per_worker(info.get("pids") or [server.pid], port).values())
         total = 0.0
         for p in loads:
             result = json.loads(p.stdout.readline() if p.stdout else "{}")

@@ -223,7 +223,7 @@ def profile_summary(path: Path, requests: int, rate: int, top: int = 25) -> dict
             inclusive[frame] = inclusive.get(frame, 0) + count
         own[frames[-1]] = own.get(frames[-1], 0) + count
     per_call = 1e6 / rate / max(requests, 1)
-    rows = [{"function": frame, "calls": None, "self_us_per_req": own.get(frame, 0) * per_call,
+    rows: list[dict[str, Any]] = [{"function": frame, "self_us_per_req": own.get(frame, 0) * per_call,
              "cum_us_per_req": samples * per_call, "own": _is_ours_frame(frame)}
             for frame, samples in inclusive.items()]
 

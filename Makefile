@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV)
 	@echo "==> upgrading pip"
 	@$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "==> installing aigis with the [dev] extra into $(VENV) (about a minute on a fresh machine)"
+	@echo "==> installing aigis with the [dev] extra into $(VENV) (a few minutes on a fresh machine)"
 	@# setuptools' build warnings (e.g. "Editable installation") are UserWarnings meant for packagers.
 	@PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)

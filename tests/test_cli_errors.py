@@ -123,13 +123,14 @@ def test_serve_names_a_busy_issuer_port(pki: PkiPaths, tmp_path: Path) -> None:
 
 CLIENT_ONLY = (
     "import sys\n"
-    "for m in ('cryptography', 'jwt', 'onnxruntime', 'PIL', 'prometheus_client', 'grpc_reflection', 'grpc_status'):\n"
+    "for m in ('cryptography', 'jwt', 'onnxruntime', 'PIL', 'prometheus_client', 'grpc_reflection', 'grpc_status',\n"
+    "          'aiohttp'):\n"
     "    sys.modules[m] = None\n"
 )
 
 
-@pytest.mark.parametrize("argv", [["serve"], ["certs", "list"], ["keys", "rotate"], ["doctor"], ["demo"],
-                                  ["bench", "--quick"]], ids=lambda a: a[0])
+@pytest.mark.parametrize("argv", [["serve"], ["issuer"], ["certs", "list"], ["keys", "rotate"], ["doctor"],
+                                  ["demo"], ["bench", "--quick"]], ids=lambda a: a[0])
 def test_client_only_install_names_the_extra(argv: list[str], tmp_path: Path) -> None:
     """Without the server extra's modules, server-side commands say in one line what to install."""
     result = aigis(*argv, cwd=tmp_path, prelude=CLIENT_ONLY)
@@ -145,6 +146,8 @@ def test_client_only_install_still_calls_and_reads_config(tmp_path: Path) -> Non
     assert result.returncode == EXIT_USAGE
     assert "CA certificate certs/ca.pem not found" in one_line_error(result.stderr)
     assert aigis("config", "check", cwd=tmp_path, prelude=CLIENT_ONLY).returncode == EXIT_OK
+    result = aigis("audit", "show", "--audit-log", str(tmp_path / "none.jsonl"), cwd=tmp_path, prelude=CLIENT_ONLY)
+    assert result.returncode == EXIT_USAGE and "no audit log at" in one_line_error(result.stderr)
 
 
 def test_version_and_global_options_after_the_subcommand(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:

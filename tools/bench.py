@@ -18,6 +18,9 @@ Scenario families (`--scenarios`):
   flood     valid Add traffic alone, then beside a process sending tokens signed by a wrong key
 
 `--cnn` adds a generated 224x224 RGB CNN (tools/make_cnn.py) to the classifier scenarios.
+`--infer` instead measures Open Inference Protocol ModelInfer (raw FP32 tensors) at 1 and the highest
+in-flight level: aigis against the bare baseline serving the same protocol, and with `--mlserver`
+against MLServer (installed once into its own venv; benchmarks/mlserver.py, mlserver_runtime.py).
 `--profile OUT` instead samples an aigis server with py-spy under the highest Add load (raw stacks to OUT) and prints
 the functions that cost the most.
 

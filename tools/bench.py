@@ -761,8 +761,8 @@ def render_infer(result: dict[str, Any]) -> str:
     lines += ["", "server CPU µs/req (medians): " + "; ".join(
         f"{row['scenario']} " + ", ".join(f"{k} {fmt(row['median'][k]['server_cpu_us_per_req'], 0)}" for k in kinds)
         for row in result["rows"]),
-        "(mlserver's CPU is its main process only; for a p50 row, lower is better and the ratio below 1 favours "
-        "aigis)"]
+        "(MLServer runs with parallel_workers = 0: its one process is all its CPU; for a p50 row lower is better, "
+        "so a ratio below 1 favours aigis)"]
     return "\n".join(lines)
 
 

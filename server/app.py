@@ -178,10 +178,9 @@ def client_certificate_policy(config: Config, pki: PkiPaths) -> ClientCertificat
     anchors = tuple(x509.load_pem_x509_certificates(_read(pki.ca_cert, "CA certificate")))
     trust_domain = config.trust_domain
     if not trust_domain:
-        try:
-            trust_domain = load_registry(pki.clients_registry).trust_domain
-        except FileNotFoundError:
-            trust_domain = DEFAULT_TRUST_DOMAIN
+        # No registry (a server whose clients are registered elsewhere): the default domain.
+        registry = pki.clients_registry
+        trust_domain = load_registry(registry).trust_domain if registry.exists() else DEFAULT_TRUST_DOMAIN
     return ClientCertificatePolicy(anchors, trust_domain)
 
 

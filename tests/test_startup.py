@@ -76,3 +76,14 @@ def test_a_failed_start_leaves_no_thread_or_socket(tmp_path: Path, taken_port: i
         assert _sockets() - sockets_before == set(), "sockets left behind"
     finally:
         loop.close()
+
+
+def test_without_a_client_registry_the_trust_domain_is_the_default(tmp_path: Path) -> None:
+    """No trust domain configured and no clients.json: the default domain, not a failed start."""
+    from aigis.auth.pki import DEFAULT_TRUST_DOMAIN
+    from aigis.server.app import client_certificate_policy
+
+    pki, _ = make_pki(tmp_path / "certs", datetime.now(UTC))
+    pki.clients_registry.unlink()
+    policy = client_certificate_policy(stack_config(pki, tmp_path / "audit.jsonl"), pki)
+    assert policy.trust_domain == DEFAULT_TRUST_DOMAIN

@@ -110,9 +110,14 @@ def discovery_urls(issuer: str) -> tuple[str, str]:
 
 async def fetch_json(url: str, context: ssl.SSLContext) -> Any:
     """GET a JSON document over https; FetchError says what went wrong (never a traceback)."""
+    # A one-off connection: closed by abort, not by a TLS close_notify exchange that a server may
+    # never answer, so nothing is left half-closed behind the fetch.
+    connector = aiohttp.TCPConnector(limit=1, force_close=True)
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)) as session,
+            aiohttp.ClientSession(
+                connector=connector, connector_owner=False, timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS)
+            ) as session,
             session.get(url, ssl=context, allow_redirects=False, headers={"Accept": "application/json"}) as response,
         ):
             if response.status != 200:
@@ -132,6 +137,8 @@ async def fetch_json(url: str, context: ssl.SSLContext) -> Any:
         raise FetchError(f"{url}: no answer within {FETCH_TIMEOUT_SECONDS:g} s") from None
     except aiohttp.ClientError as exc:
         raise FetchError(f"{url}: HTTP error ({type(exc).__name__})") from None
+    finally:
+        await connector.close(abort_ssl=True)
     try:
         return json.loads(body)
     except json.JSONDecodeError as exc:

@@ -93,19 +93,27 @@ class ConnectionStats:
 class _Slot:
     """One admitted connection: released exactly once, however it ends."""
 
-    __slots__ = ("_release", "head_done", "peer", "task", "transport")
+    __slots__ = ("_release", "head_done", "peer", "task", "timers", "transport")
 
     def __init__(self, peer: str, release: Callable[[_Slot], None]) -> None:
         self.peer = peer
         self.head_done = False
         self.task: asyncio.Task[None] | None = None  # until the handshake completes
         self.transport: asyncio.Transport | None = None  # after it
+        self.timers: list[asyncio.TimerHandle] = []  # its deadlines, dropped with it
         self._release: Callable[[_Slot], None] | None = release
 
     def release(self) -> None:
         if self._release is not None:
             release, self._release = self._release, None
+            for timer in self.timers:
+                timer.cancel()  # a closed connection's deadlines must not keep it alive until they fire
+            self.timers.clear()
             release(self)
+
+    @property
+    def released(self) -> bool:
+        return self._release is None
 
     def evict(self) -> None:
         """Give the slot back now and drop the connection."""
@@ -339,8 +347,12 @@ class BoundedHttpServer:
                 self.stats.timed_out["connection"] += 1
                 transport.abort()
 
-        loop.call_at(accepted + limits.header_seconds, head_deadline)
-        loop.call_at(accepted + limits.connection_seconds, connection_deadline)
+        if slot.released:  # closed while the handshake finished
+            return
+        slot.timers += [
+            loop.call_at(accepted + limits.header_seconds, head_deadline),
+            loop.call_at(accepted + limits.connection_seconds, connection_deadline),
+        ]
 
 
 class BodyError(Exception):

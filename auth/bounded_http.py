@@ -187,6 +187,8 @@ class BoundedHttpServer:
         self._per_peer: Counter[str] = Counter()
         # Admitted connections whose request head is not complete yet, oldest first.
         self._waiting_for_head: dict[_Slot, None] = {}
+        # Every admitted connection, so that stop() closes each one, whatever state it is in.
+        self._live: dict[_Slot, None] = {}
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -267,12 +269,18 @@ class BoundedHttpServer:
             server.pre_shutdown()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.shutdown(1.0), 2.0)
+            # Connections aiohttp does not know yet (mid-handshake) or did not close: abort them, and
+            # let their connection_lost run, so no transport outlives the loop.
+            for slot in list(self._live):
+                slot.evict()
+            await asyncio.sleep(0.05)
             for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
                 task.cancel()
 
     # ------------------------------------------------------------------------------ admission
 
     def _release(self, slot: _Slot) -> None:
+        self._live.pop(slot, None)
         self._waiting_for_head.pop(slot, None)
         self.stats.open -= 1
         self._per_peer[slot.peer] -= 1
@@ -311,6 +319,7 @@ class BoundedHttpServer:
             self.stats.open += 1
             self._per_peer[peer] += 1
             slot = _Slot(peer, self._release)
+            self._live[slot] = None
             self._waiting_for_head[slot] = None
             slot.task = asyncio.create_task(self._serve(server, conn, slot))
             self._tasks.add(slot.task)

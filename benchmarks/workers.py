@@ -1,6 +1,6 @@
 """Throughput of `aigis serve --workers 1` vs `--workers 2` (issue: scale past one process).
 
-    python -m aigis.benchmarks.workers [--rounds 3] [--seconds 4] [--clients 4] [--in-flight 32]
+    python -m aigis.benchmarks.workers [--rounds 3] [--seconds 4] [--clients 4] [--in-flight 32] [--quiet-wait 15]
 
 Alternating rounds (1 worker, 2 workers, 1, 2, ...) on loopback; each round starts a fresh
 `aigis serve --workers N` and drives Calculator.Add from several load-generator processes
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aigis.auth.pki import PkiPaths
+from aigis.benchmarks.harness import machine_lock, wait_for_quiet
 from aigis.client_sdk import ClientCredentials
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=32)
+    parser.add_argument("--quiet-wait", type=float, default=15.0,
+                        help="seconds to wait for other work on the machine to go quiet before each round")
     args = parser.parse_args(argv)
     from aigis.auth.certs import init_pki
 
@@ -142,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         spreads: list[list[int]] = []
         for r in range(args.rounds):
             for workers in (1, 2):
-                rps, spread = one_round(pki, work, workers, args.clients, args.in_flight, args.seconds)
+                # One window at a time across `aigis bench` runs on this machine, after other work quiets.
+                with machine_lock(900.0):
+                    wait_for_quiet(args.quiet_wait)
+                    rps, spread = one_round(pki, work, workers, args.clients, args.in_flight, args.seconds)
                 figures[workers].append(rps)
                 note = ""
                 if workers == 2:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from aigis.server.crl_freshness import CrlFreshness
 from aigis.server.health import HealthServicer
 from aigis.server.images import ImageLimits
 from aigis.server.inference import InferenceServicer
+from aigis.server.lifecycle import wait_for_shutdown
 from aigis.server.metrics import Metrics
 from aigis.server.probes import ProbeServer
 from aigis.server.repository import ModelRepository
@@ -615,17 +615,8 @@ async def serve(config: Config, *, ready: Callable[[AigisServer], None] | None =
     running = await start_server(config)
     if ready is not None:
         ready(running)
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signalled.set)
     try:
-        await signalled.wait()
-        signalled.clear()
-        if config.drain_seconds > 0:
-            await running.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signalled.wait(), config.drain_seconds)
+        await wait_for_shutdown(config.drain_seconds, running.drain)
     finally:
         log.info("shutting down (grace %.1fs)", config.grace_seconds)
         await running.stop()

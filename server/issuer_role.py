@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from aigis.auth.issuer import IssuerConfig, IssuerError, IssuerServer
 from aigis.server.app import StartupError, issuer_events, issuer_library_config
 from aigis.server.config import Config
 from aigis.server.crl_freshness import CrlFreshness
+from aigis.server.lifecycle import wait_for_shutdown
 from aigis.server.metrics import Metrics
 from aigis.server.probes import ProbeServer
 
@@ -103,18 +103,13 @@ async def run_issuer(config: Config, *, ready: Callable[[RunningIssuer], None] |
     running = await start_issuer(config)
     if ready is not None:
         ready(running)
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signalled.set)
+
+    async def drain() -> None:
+        running.draining = True
+        log.info("draining: not ready, still issuing for %.1fs", config.drain_seconds)
+
     try:
-        await signalled.wait()
-        signalled.clear()
-        if config.drain_seconds > 0:
-            running.draining = True
-            log.info("draining: not ready, still issuing for %.1fs", config.drain_seconds)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(signalled.wait(), config.drain_seconds)
+        await wait_for_shutdown(config.drain_seconds, drain)
     finally:
         log.info("issuer shutting down")
         await running.stop()

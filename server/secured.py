@@ -357,18 +357,7 @@ def _decode_request_stream(behavior: Callable[..., Any], decode: Callable[[bytes
                 raise InvalidArgument(f"request is not a valid {_message_name(decode)} message") from None
             yield message
 
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream_decoded(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            async for response in behavior(decoded(request_iterator), context):
-                yield response
-
-        return stream_decoded
-
-    async def unary_decoded(request_iterator: Any, context: aio.ServicerContext) -> Any:
-        return await behavior(decoded(request_iterator), context)
-
-    return unary_decoded
+    return _on_request_stream(behavior, decoded)
 
 
 def _cap_request_stream(behavior: Callable[..., Any], cap: int) -> Callable[..., Any]:
@@ -382,15 +371,22 @@ def _cap_request_stream(behavior: Callable[..., Any], cap: int) -> Callable[...,
                 raise ResourceExhausted(f"a stream may carry at most {cap} messages")
             yield message
 
+    return _on_request_stream(behavior, capped)
+
+
+def _on_request_stream(
+    behavior: Callable[..., Any], transform: Callable[[AsyncIterator[Any]], AsyncIterator[Any]]
+) -> Callable[..., Any]:
+    """`behavior` (client- or bidi-streaming) fed `transform(request_iterator)` instead."""
     if inspect.isasyncgenfunction(behavior):
 
-        async def stream_with_cap(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            async for response in behavior(capped(request_iterator), context):
+        async def streaming(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in behavior(transform(request_iterator), context):
                 yield response
 
-        return stream_with_cap
+        return streaming
 
-    async def with_cap(request_iterator: Any, context: aio.ServicerContext) -> Any:
-        return await behavior(capped(request_iterator), context)
+    async def unary(request_iterator: Any, context: aio.ServicerContext) -> Any:
+        return await behavior(transform(request_iterator), context)
 
-    return with_cap
+    return unary

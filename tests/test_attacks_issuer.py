@@ -494,8 +494,8 @@ def _peak_rss_bytes() -> int:
 @pytest.mark.timeout(120)
 def test_concurrent_secret_checks_are_bounded_in_memory(start_issuer: Any) -> None:
     """96 concurrent unknown-client requests (scrypt ~16 MiB each) raise peak memory by < 96 MiB
-    (unbounded they took 400–560 MB; the 2 running checks need 32 MiB, the rest is the 96 client
-    threads in this same process and the allocator's per-thread arenas, 38–67 MiB measured):
+    (unbounded they took 400-560 MB; the 2 running checks need 32 MiB, the rest is the 96 client
+    threads in this same process and the allocator's per-thread arenas, 38-67 MiB measured):
     at most 2 checks run at once, 16 wait, the rest are refused at once with 503."""
     issuer = start_issuer(
         throttle=ThrottleLimits(client_id=RateLimit(100, 1000), peer=RateLimit(100, 1000)),

@@ -456,16 +456,7 @@ def init_pki(
     _write_cert(paths.ca_cert, ca_cert, overwrite=force)
 
     server_key = _new_key()
-    server_cert = _make_leaf(
-        ca_cert=ca_cert,
-        ca_key=ca_key,
-        key=server_key,
-        common_name="aigis server",
-        sans=sans,
-        eku=ExtendedKeyUsageOID.SERVER_AUTH,
-        now=now,
-        validity_days=validity_days,
-    )
+    server_cert = _make_server_cert(ca_cert, ca_key, server_key, sans, now, validity_days)
     _write_private_key(paths.server_key, server_key, overwrite=force)
     _write_cert(paths.server_cert, server_cert, overwrite=force)
 
@@ -490,6 +481,27 @@ def init_pki(
     )
 
 
+def _make_server_cert(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    sans: list[x509.GeneralName],
+    now: datetime,
+    validity_days: int,
+) -> x509.Certificate:
+    """The server's leaf: serverAuth only, the given SANs (init and rotation issue the same kind)."""
+    return _make_leaf(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        key=key,
+        common_name="aigis server",
+        sans=sans,
+        eku=ExtendedKeyUsageOID.SERVER_AUTH,
+        now=now,
+        validity_days=validity_days,
+    )
+
+
 def issue_server_certificate(
     paths: PkiPaths,
     *,
@@ -508,16 +520,7 @@ def issue_server_certificate(
     sans = _server_general_names(trust_domain, server_names)
     ca_cert, ca_key = _load_ca(paths)
     key = _new_key()
-    cert = _make_leaf(
-        ca_cert=ca_cert,
-        ca_key=ca_key,
-        key=key,
-        common_name="aigis server",
-        sans=sans,
-        eku=ExtendedKeyUsageOID.SERVER_AUTH,
-        now=now,
-        validity_days=validity_days,
-    )
+    cert = _make_server_cert(ca_cert, ca_key, key, sans, now, validity_days)
     _write_private_key(paths.server_key, key, overwrite=True)
     _write_cert(paths.server_cert, cert, overwrite=True)
     return IssuedServer(

@@ -38,6 +38,17 @@ class ModelConfigError(ValueError):
     """A model directory the server refuses to load; the message names the file and the key."""
 
 
+def read_model_toml(path: Path) -> dict[str, Any]:
+    """The parsed model.toml at `path`; an unreadable or invalid file raises ModelConfigError naming it."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ModelConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
 class Layout(enum.StrEnum):
     """How the image tensor is laid out for the model (N is the batch dimension)."""
 
@@ -174,13 +185,7 @@ class ModelConfig:
     @classmethod
     def from_toml(cls, path: Path) -> ModelConfig:
         """Read and validate `path`; any problem raises ModelConfigError naming the file and key."""
-        try:
-            with path.open("rb") as f:
-                doc = tomllib.load(f)
-        except OSError as exc:
-            raise ModelConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ModelConfigError(f"{path}: not valid TOML: {exc}") from exc
+        doc = read_model_toml(path)
         try:
             return cls._from_dict(doc)
         except ModelConfigError as exc:

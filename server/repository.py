@@ -38,6 +38,7 @@ from aigis.server.model import (
     ModelRegistry,
     OnnxClassifier,
     _Table,
+    read_model_toml,
     session_options,
 )
 
@@ -62,13 +63,7 @@ class ModelSettings:
 
     @staticmethod
     def from_toml(path: Path) -> ModelSettings:
-        try:
-            with path.open("rb") as f:
-                doc = tomllib.load(f)
-        except OSError as exc:
-            raise ModelConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ModelConfigError(f"{path}: not valid TOML: {exc}") from exc
+        doc = read_model_toml(path)
         try:
             top = _Table(doc, "")
             bat = _Table(top.table("batching", {}), "batching.")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from aigis.calculator.v1 import calculator_pb2 as calc
 from aigis.calculator.v1 import calculator_pb2_grpc as calc_grpc
@@ -150,3 +153,17 @@ def png_digit_request(ch: grpc.Channel, md: Sequence[tuple[str, str]]) -> Any:
     sample = Path(__file__).resolve().parent.parent / "server" / "models" / "digits" / "samples" / "7.png"
     stub = classifier_pb2_grpc.ImageClassificationServiceStub(ch)
     return stub.ClassifyImage(classifier_pb2.Image(data=sample.read_bytes()), metadata=md, timeout=10)
+
+
+def served_serial(port: int, ca: Path, cert: Path, key: Path) -> int:
+    """The serial of the certificate a server presents on a new TLS connection."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number

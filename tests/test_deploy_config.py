@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -19,13 +17,12 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
 
 from aigis.auth import certs
 from aigis.auth.audit_chain import verify_log
 from aigis.auth.pki import PkiPaths
 from aigis.server.config import ConfigError, FileLocations, HostPort, load_config
-from tests.calls import RPC_KINDS, bearer, channel, issuer_token, run
+from tests.calls import RPC_KINDS, bearer, channel, issuer_token, run, served_serial
 from tests.conftest import make_pki
 from tests.kube_volume import DATA, project
 
@@ -138,19 +135,6 @@ def test_tls_secret_layout_and_explicit_files(tmp_path: Path) -> None:
 # ------------------------------------------------------- Kubernetes volumes, end to end
 
 
-def _served_serial(port: int, ca: Path, cert: Path, key: Path) -> int:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
-
-
 def _tls_secret(pki: PkiPaths) -> dict[str, bytes]:
     return {"tls.crt": pki.server_cert.read_bytes(), "tls.key": pki.server_key.read_bytes(),
             "ca.crt": pki.ca_cert.read_bytes()}
@@ -173,7 +157,7 @@ def test_kubernetes_volumes_rotate_through_the_data_symlink_swap(
     stack = start_stack(pki, files=files, policy=policy_dir / "policy.json")
     client = stack.client_files("demo")
     assert (tls_dir / "tls.crt").is_symlink() and os.readlink(tls_dir / "tls.crt") == f"{DATA}/tls.crt"
-    before = _served_serial(stack.server.port, *client)
+    before = served_serial(stack.server.port, *client)
     token = issuer_token(stack, "demo")
     with channel(stack, "demo") as ch:
         assert run(lambda: RPC_KINDS["unary"](ch, bearer(token))).value == 5
@@ -184,7 +168,7 @@ def test_kubernetes_volumes_rotate_through_the_data_symlink_swap(
     issued = certs.issue_server_certificate(staging, now=datetime.now(UTC))
     project(tls_dir, _tls_secret(staging), mode=0o400)
     stack.run(stack.server.reload_now())
-    assert _served_serial(stack.server.port, *client) == issued.serial != before
+    assert served_serial(stack.server.port, *client) == issued.serial != before
     assert stack.server.tls is not None and stack.server.tls.refused_reloads == 0
 
     # The policy ConfigMap changes: calculator calls are no longer allowed for anyone.

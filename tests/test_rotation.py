@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
 import ssl
 import stat
 import urllib.error
@@ -51,7 +50,7 @@ from aigis.auth.tls import TlsCredentialStore, TlsError, load_tls_material
 from aigis.auth.tokens import load_jwks_file
 from aigis.server.app import StartupError, start_server
 from aigis.tools.cli import main as cli_main
-from tests.calls import RPC_KINDS, Outcome, bearer, channel, issuer_token, run
+from tests.calls import RPC_KINDS, Outcome, bearer, channel, issuer_token, run, served_serial
 from tests.conftest import stack_config
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -105,28 +104,14 @@ def _reason(stack: Any, outcome: Outcome) -> str:
     return next(r["reason"] for r in stack.audit_records() if r["request_id"] == outcome.request_id)
 
 
-def _served_serial(port: int, ca: Path, cert: Path, key: Path) -> int:
-    """The serial of the certificate a server presents on a new TLS connection."""
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
-    context.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
-
-
 def _grpc_serial(stack: Any, ca: Path | None = None) -> int:
     trusted, cert, key = stack.client_files("demo")
-    return _served_serial(stack.server.port, ca or trusted, cert, key)
+    return served_serial(stack.server.port, ca or trusted, cert, key)
 
 
 def _issuer_serial(stack: Any, ca: Path | None = None) -> int:
     trusted, cert, key = stack.client_files("demo")
-    return _served_serial(stack.server.issuer.port, ca or trusted, cert, key)
+    return served_serial(stack.server.issuer.port, ca or trusted, cert, key)
 
 
 def _issuer_jwks(stack: Any) -> dict[str, Any]:

@@ -1,18 +1,18 @@
-"""Enforcement: guard → decision → audit → abort, for one call, before any servicer code runs.
+"""Enforcement: guard → decision → audit → status, for one call, before any servicer code runs.
 
 The peer certificate exists only on the servicer context, so enforcement runs inside the handler;
 how handlers are wrapped by RPC shape, how servicer errors become statuses, the stream cap and the
 metrics are the server's business (aigis.server.secured). This module is the whole security
-decision for a call: it returns when the call may proceed and aborts it otherwise, with the coarse
-status from auth.decision.REASON_STATUS and trailing metadata `aigis-request-id`; the audit log
-gets the reason. Any error while checking denies (`check_error`).
+decision for a call: it returns the verdict when the call may proceed; otherwise it sets the coarse
+status from auth.decision.REASON_STATUS and trailing metadata `aigis-request-id` and returns None
+(the wrapper then returns without a response); the audit log gets the reason. Any error while checking denies (`check_error`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -21,6 +21,7 @@ from grpc import aio
 
 from aigis.auth.audit import AuditLog, rfc3339_now
 from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
+from aigis.auth.denial_hold import DenialHold
 from aigis.auth.guard import Guard, Verdict
 from aigis.auth.policy import ANY_MODEL, AuditCondition, CallModel, ModelRef
 from aigis.auth.streams import StreamSlots
@@ -45,7 +46,7 @@ def new_request_id() -> str:
 
 # The allowed caller of the call being served (set by `enforce`, in the call's own task): lets a
 # servicer ask what else this caller may use (ListModels shows only those models).
-_CALLER: ContextVar[tuple[Verdict, Sequence[Any]] | None] = ContextVar("aigis_caller", default=None)
+_CALLER: ContextVar[tuple[Verdict, aio.ServicerContext] | None] = ContextVar("aigis_caller", default=None)
 
 
 class Enforcer:
@@ -60,8 +61,12 @@ class Enforcer:
         on_shadow: ShadowObserver | None = None,
         trace_id: TraceIdSource | None = None,
         streams: StreamSlots | None = None,
+        hold: DenialHold | None = None,
     ) -> None:
+        """`hold`: how a principal refused for an empty denial budget is answered (late; see
+        auth.denial_hold), so a flooder waiting for its answers sends fewer calls."""
         self._guard = guard
+        self._hold = hold
         self._streams = streams
         self._audit = audit
         self._on_denial = on_denial
@@ -69,8 +74,9 @@ class Enforcer:
         self._trace_id = trace_id
 
     async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None, *,
-                      request_streaming: bool = False, provisional: bool = False) -> Verdict:
-        """Return the verdict when the call may proceed; otherwise audit and abort it (raises).
+                      request_streaming: bool = False, provisional: bool = False) -> Verdict | None:
+        """The verdict when the call may proceed; None when it is denied: then it is audited and its
+        status, details and trailing metadata are set, and the caller returns at once (no response).
 
         `model` is the model the call names (None: it names none; ANY_MODEL: a stream whose
         messages name it, each then judged by `enforce_model`). `request_streaming`: the denial is
@@ -86,9 +92,14 @@ class Enforcer:
             log.exception("check failed for %s (request %s); denying", method, request_id)
             verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
             await self._deny(method, context, verdict, request_id, model, announce=request_streaming)
-            raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
-        authenticated = verdict.decision.allowed or verdict.decision.status is grpc.StatusCode.PERMISSION_DENIED
-        if provisional and authenticated:
+            return None
+        decision = verdict.decision
+        if decision.allowed and verdict.shadow is None and not self._audit_allows():
+            # The common case, kept short: nothing to record, nothing to deny.
+            if not provisional:
+                _CALLER.set((verdict, context))
+            return verdict
+        if provisional and (decision.allowed or decision.status is grpc.StatusCode.PERMISSION_DENIED):
             # The caller is authenticated: its body may be decoded, and `enforce_model` decides (and
             # audits, with the model the body names). An unauthenticated caller is denied here, its
             # body unread (audited with model "*").
@@ -96,43 +107,50 @@ class Enforcer:
         return await self._settle(method, context, verdict, model, announce=request_streaming)
 
     async def enforce_model(self, method: str, context: aio.ServicerContext, verdict: Verdict,
-                            model: ModelRef) -> Verdict:
-        """One more message of an allowed stream, naming `model`: the policy again (identity and token
-        were checked at the open). Denied: audited, and the stream ends with the denial."""
+                            model: ModelRef, *, abort: bool = False) -> Verdict | None:
+        """One more message of an allowed stream (or the decoded body of a provisional unary call),
+        naming `model`: the policy again (identity and token were checked at the open). Denied:
+        audited, and None — or, with `abort` (inside a running servicer), the call ends with the
+        denial (raises)."""
         try:
-            verdict = self._guard.authorize(method, verdict, context.invocation_metadata() or (), model)
+            checked = self._guard.authorize(method, verdict, context.invocation_metadata() or (), model)
         except Exception:
             request_id = new_request_id()
             log.exception("check failed for %s (request %s); denying", method, request_id)
-            await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model)
-            raise AssertionError("unreachable: abort raises") from None  # pragma: no cover
-        return await self._settle(method, context, verdict, model)
+            await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model,
+                             abort=abort)
+            return None
+        return await self._settle(method, context, checked, model, abort=abort)
 
     async def _settle(self, method: str, context: aio.ServicerContext, verdict: Verdict, model: CallModel, *,
-                      announce: bool = False) -> Verdict:
+                      announce: bool = False, abort: bool = False) -> Verdict | None:
         # A dry-run record and the enforced record of the same call share one request id.
         shared_id = self._dry_run(method, context, verdict, model) if verdict.shadow is not None else None
         if verdict.decision.allowed:
-            if self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS:
+            if self._audit is not None and self._audit_allows():
                 self._audit.record(self._record(method, context, verdict, shared_id or new_request_id(), model))
-            _CALLER.set((verdict, context.invocation_metadata() or ()))
+            _CALLER.set((verdict, context))
             return verdict
-        await self._deny(method, context, verdict, shared_id or new_request_id(), model, announce=announce)
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        await self._deny(method, context, verdict, shared_id or new_request_id(), model, announce=announce,
+                         abort=abort)
+        return None
+
+    def _audit_allows(self) -> bool:
+        return self._audit is not None and self._guard.policy.audit_condition in _AUDIT_ALLOWS
 
     async def hold_stream(self, method: str, context: aio.ServicerContext, verdict: Verdict,
                           model: CallModel = None, *, request_streaming: bool = False) -> Callable[[], None] | None:
         """An allowed streaming call takes one of its principal's stream slots; the returned callable
-        gives it back when the call ends. Over the cap: audited denial `stream_limit` (raises)."""
+        gives it back when the call ends. Over the cap: audited denial `stream_limit`, and None."""
         if self._streams is None or verdict.identity is None:
-            return None
+            return _nothing_to_release
         release = self._streams.acquire(verdict.identity.principal)
         if release is not None:
             return release
         decision = Decision.deny(Reason.STREAM_LIMIT, verdict.decision.policy_name, verdict.decision.matched_rule)
         denied = Verdict(decision, verdict.identity, verdict.token)
         await self._deny(method, context, denied, new_request_id(), model, announce=request_streaming)
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        return None
 
     def may_use(self, method: str, model: ModelRef) -> bool:
         """Whether the caller of the current call would be allowed `method` on `model` (no audit).
@@ -140,9 +158,9 @@ class Enforcer:
         caller = _CALLER.get()
         if caller is None:
             return False
-        verdict, metadata = caller
+        verdict, context = caller
         try:
-            return self._guard.authorize(method, verdict, metadata, model).decision.allowed
+            return self._guard.authorize(method, verdict, context.invocation_metadata() or (), model).decision.allowed
         except Exception:
             log.exception("may_use check failed for %s; treating as not allowed", method)
             return False
@@ -167,8 +185,13 @@ class Enforcer:
         return record
 
     async def _deny(self, method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,
-                    model: CallModel = None, *, announce: bool = False) -> None:
-        """Audit (durably), count, abort. `announce`: the client may still be sending its request
+                    model: CallModel = None, *, announce: bool = False, abort: bool = False) -> None:
+        """Audit (durably), count, hold a flooder's refusal, then set the call's status (or, with
+        `abort`, end it: raises).
+
+        Setting the status and returning costs about what a successful call costs; grpc's abort
+        (an exception through grpc's handler machinery) measured 30-60 µs more, and denials are
+        what a flooder makes the server do. `announce`: the client may still be sending its request
         stream, and grpc.aio clients can then lose the status (grpc/grpc#36066); the code and the
         request id also go out in the response headers, which those clients always receive."""
         code = verdict.decision.status
@@ -181,9 +204,20 @@ class Enforcer:
                 code = grpc.StatusCode.UNAVAILABLE
         if self._on_denial is not None:
             self._on_denial(method, verdict.decision)
+        if self._hold is not None and verdict.decision.reason is Reason.TOO_MANY_DENIALS:
+            await self._hold.hold()
+        trailing = ((REQUEST_ID_KEY, request_id),)
         if announce:
             await context.send_initial_metadata(((REQUEST_ID_KEY, request_id), (STATUS_HEADER, code.name)))
-        await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=((REQUEST_ID_KEY, request_id),))
+        if abort:
+            await context.abort(code, CLIENT_MESSAGES[code], trailing_metadata=trailing)
+        context.set_code(code)
+        context.set_details(CLIENT_MESSAGES[code])
+        context.set_trailing_metadata(trailing)
+
+
+def _nothing_to_release() -> None:
+    """The release of a call that took no stream slot."""
 
 
 def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,

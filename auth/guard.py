@@ -25,7 +25,7 @@ from aigis.auth.decision import Decision, Reason
 from aigis.auth.identity import IdentityCache, IdentityError, PeerIdentity, RevocationList
 from aigis.auth.policy import CallModel, Policy
 from aigis.auth.ratelimit import RateLimiter
-from aigis.auth.tokens import TokenError, TokenVerifier, VerifiedToken
+from aigis.auth.tokens import TokenError, TokenVerifier, VerifiedToken, parse_authorization
 
 log = logging.getLogger("aigis.guard")
 
@@ -64,10 +64,6 @@ class RevokedClients:
 
     def covers(self, token: VerifiedToken) -> bool:
         return token.client_id in self.client_ids and token.issuer == self.issuer
-
-
-# What `_authenticate` returns for a caller that passed every check before the policy.
-_AUTHENTICATED = Decision.allow("", "")
 
 
 class Guard:
@@ -128,41 +124,26 @@ class Guard:
     async def check(self, method: str, context: Any, model: CallModel = None) -> Verdict:
         """The whole pipeline for one call; `model` is the model it names (None: it names none)."""
         phase = self._on_phase
-        if phase is None:
-            return await self._check(method, context, model, None)
         verdict = await self._check(method, context, model, phase)
-        phase("decision", _outcome(verdict.decision))
-        if verdict.shadow is not None:
-            shadow = {"aigis.authorized": verdict.shadow.allowed, "aigis.differs": verdict.shadow_differs}
-            phase("shadow_policy", shadow)
+        if phase is not None:
+            phase("decision", _outcome(verdict.decision))
+            if verdict.shadow is not None:
+                shadow = {"aigis.authorized": verdict.shadow.allowed, "aigis.differs": verdict.shadow_differs}
+                phase("shadow_policy", shadow)
         return verdict
 
     async def _check(self, method: str, context: Any, model: CallModel, phase: PhaseObserver | None) -> Verdict:
-        verdict = await self._authenticate(context, phase)
-        if not verdict.decision.allowed or verdict.identity is None:
-            return verdict
-        return self._decide(method, verdict.identity, context.invocation_metadata() or (), verdict.token, model)
-
-    async def _authenticate(self, context: Any, phase: PhaseObserver | None) -> Verdict:
-        try:
-            identity = self.identities.from_auth_context(context.auth_context())
-        except IdentityError as exc:
-            return Verdict(Decision.deny(exc.reason))
-        if self._revocations.is_revoked(identity):
-            return Verdict(Decision.deny(Reason.CERT_REVOKED), identity)
-        if phase is not None:
-            phase("certificate", {"aigis.principal": identity.principal})
-        if self._denial_budget is not None and self._denial_budget.exhausted(identity.principal):
-            return Verdict(Decision.deny(Reason.TOO_MANY_DENIALS), identity)
-        if self._rate_limiter is not None and not self._rate_limiter.allow(identity.principal):
-            return Verdict(Decision.deny(Reason.RATE_LIMITED), identity)
-
+        # One coroutine and one read of the metadata per call: this runs before every RPC, and each
+        # grpc accessor builds new Python objects (auth_context() ~4 µs, invocation_metadata() ~2 µs).
+        identity = self._identify(context.auth_context(), phase)
+        if isinstance(identity, Verdict):
+            return identity
         metadata: Sequence[Any] = context.invocation_metadata() or ()
         token: VerifiedToken | None = None
         try:
-            raw = self.verifier.parse_authorization(metadata)
+            raw = parse_authorization(metadata)
             if raw is not None:
-                token = await self.verifier.verify(raw)
+                token = self.verifier.cached(raw) or await self.verifier.verify(raw)
         except TokenError as exc:
             return Verdict(Decision.deny(exc.reason), identity)
         if token is not None:
@@ -176,8 +157,25 @@ class Guard:
                 return Verdict(Decision.deny(Reason.TOKEN_CERT_MISMATCH), identity, token)
             if bound_to is None and self._require_binding:
                 return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
+        return self._decide(method, identity, metadata, token, model)
 
-        return Verdict(_AUTHENTICATED, identity, token)
+    def _identify(self, auth_context: Mapping[str, Sequence[bytes]],
+                  phase: PhaseObserver | None) -> PeerIdentity | Verdict:
+        """The caller's certificate identity, or the Verdict refusing it: no certificate or one the
+        policy refuses, revoked, denial budget empty, over its rate limit (all before token work)."""
+        try:
+            identity = self.identities.from_auth_context(auth_context)
+        except IdentityError as exc:
+            return Verdict(Decision.deny(exc.reason))
+        if self._revocations.is_revoked(identity):
+            return Verdict(Decision.deny(Reason.CERT_REVOKED), identity)
+        if phase is not None:
+            phase("certificate", {"aigis.principal": identity.principal})
+        if self._denial_budget is not None and self._denial_budget.exhausted(identity.principal):
+            return Verdict(Decision.deny(Reason.TOO_MANY_DENIALS), identity)
+        if self._rate_limiter is not None and not self._rate_limiter.allow(identity.principal):
+            return Verdict(Decision.deny(Reason.RATE_LIMITED), identity)
+        return identity
 
     def spend_denial(self, verdict: Verdict) -> None:
         """A denial of an identified principal spends one token of its denial budget (the enforcer

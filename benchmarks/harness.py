@@ -386,7 +386,7 @@ def summarise(loads: Sequence[Load], results: Sequence[dict[str, Any]], seconds:
         "client_procs": sum(1 for load in loads if load.role == "valid"),
         "truncated": truncated,
     }
-    if flood_codes:
+    if any(load.role != "valid" for load in loads):  # even if no flood call ended in the window (held)
         flood_calls = sum(flood_codes.values())
         summary["flood"] = {
             "codes": flood_codes,

@@ -211,7 +211,7 @@ def profile_summary(path: Path, requests: int, rate: int, top: int = 25) -> dict
     is CPU time, divided by the `requests` served in the sampled window."""
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
-    total = 0
+    total = security = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -222,6 +222,8 @@ def profile_summary(path: Path, requests: int, rate: int, top: int = 25) -> dict
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + count
         own[frames[-1]] = own.get(frames[-1], 0) + count
+        if _in_security_path(frames):
+            security += count
     per_call = 1e6 / rate / max(requests, 1)
     rows: list[dict[str, Any]] = [{"function": frame, "self_us_per_req": own.get(frame, 0) * per_call,
              "cum_us_per_req": samples * per_call, "own": _is_ours_frame(frame)}
@@ -232,8 +234,34 @@ def profile_summary(path: Path, requests: int, rate: int, top: int = 25) -> dict
 
     return {"requests": requests, "sampler": f"py-spy {rate} Hz", "samples": total,
             "total_seconds": total / rate, "us_per_req": total * per_call,
+            "security_us_per_req": security * per_call,
             "by_cumulative": best("cum_us_per_req", False), "by_self": best("self_us_per_req", False),
             "ours_by_cumulative": best("cum_us_per_req", True), "ours_by_self": best("self_us_per_req", True)}
+
+
+# What runs around every servicer: the secured wrapper (server/secured.py) and everything it calls
+# (enforcer, guard, token and identity caches, metrics, grpc's context accessors), but not the
+# servicer itself nor the request decode, which the bare server does too.
+_WRAPPER_FILE = "server/secured.py:"
+_NOT_SECURITY = ("(_decoded)", "(_decode_request_stream.<locals>.decoded)")
+
+
+def _in_security_path(frames: list[str]) -> bool:
+    """A sample spent in the security path: under the secured wrapper, not in a servicer's code
+    (any other server/ module below the wrapper) and not decoding the request."""
+    below = None
+    for i, frame in enumerate(frames):
+        if frame.startswith(_WRAPPER_FILE):
+            below = i
+            break
+    if below is None:
+        return False
+    for frame in frames[below + 1:]:
+        if frame.endswith(_NOT_SECURITY):
+            return False
+        if frame.startswith("server/") and not frame.startswith((_WRAPPER_FILE, "server/metrics.py:")):
+            return False
+    return True
 
 
 def _frame(frame: str) -> str:
@@ -259,7 +287,9 @@ def render_profile(result: dict[str, Any]) -> str:
     w = result["window"]
     lines = [f"{result['kind']} under {result['load']} load, profiled: {p['requests']} calls, "
              f"{fmt(w['rps'])} valid req/s, sampled by {p['sampler']}: server CPU {p['us_per_req']:.1f} us/call "
-             f"(all threads); raw stacks in {result['profile_file']}"]
+             f"(all threads); raw stacks in {result['profile_file']}",
+             f"security path (the secured wrapper and all it calls, servicer and request decode excluded): "
+             f"{p.get('security_us_per_req', 0.0):.1f} us/call"]
     for title, key in (("by cumulative time, aigis code (auth/, server/)", "ours_by_cumulative"),
                        ("by self time, aigis code", "ours_by_self"),
                        ("by cumulative time, everything", "by_cumulative"),

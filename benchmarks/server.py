@@ -174,10 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--profile-out", type=Path)
     parser.add_argument("--audit-durability", choices=[d.value for d in Durability],
                         help="[audit] durability of the aigis server (default: aigis's default)")
+    parser.add_argument("--denial-hold", type=float,
+                        help="[limits] denial_hold_seconds of the aigis server (default: aigis's default)")
     args = parser.parse_args(argv)
     config = bench_config(args.certs, args.models, args.audit_log)
     if args.audit_durability is not None:
         config = replace(config, audit_durability=Durability(args.audit_durability))
+    if args.denial_hold is not None:
+        config = replace(config, limits=replace(config.limits, denial_hold_seconds=args.denial_hold))
     return asyncio.run(run(args.kind, config, args.ready_file, args.profile_out))
 
 

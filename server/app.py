@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflection
 from aigis.auth.audit import AuditError, AuditLog
 from aigis.auth.bounded_http import HttpLimits
 from aigis.auth.clients import RegistryError, load_registry
+from aigis.auth.denial_hold import DenialHold
 from aigis.auth.enforcer import Enforcer
 from aigis.auth.guard import Guard, RevokedClients
 from aigis.auth.identity import ClientCertificatePolicy, IdentityCache, RevocationList, SharedRevocations
@@ -478,6 +479,8 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
         on_shadow=metrics.shadow_observer,
         trace_id=tracing.current_trace_id if tracer is not None else None,
         streams=stream_slots,
+        hold=DenialHold(limits.denial_hold_seconds, limits.max_held_denials) if limits.denial_hold_seconds > 0
+        else None,
     )
     classifiers = repository.classifiers()
     security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics,

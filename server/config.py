@@ -153,6 +153,10 @@ class Limits:
     # `denial_rate_per_second`) the principal is refused before token work; 0 turns it off.
     denial_rate_per_second: float = 5.0
     denial_burst: int = 50
+    # Those refusals are answered this late (auth.denial_hold), at most `max_held_denials` at once
+    # in the process; 0 answers them at once.
+    denial_hold_seconds: float = 1.0
+    max_held_denials: int = 1024
     max_metadata_bytes: int = 16 * 1024  # request headers, tokens included (gRPC's own hard limit)
     max_concurrent_streams: int = 100  # per connection
     max_stream_messages: int = 10_000  # per client stream (Sum, RunningSum, ClassifyStream, ...)
@@ -483,11 +487,16 @@ def _limits(section: _Section) -> Limits:
     denial_rate = section.get("denial_rate_per_second", (int, float), d.denial_rate_per_second)
     if denial_rate < 0:
         raise ConfigError(f"limits.denial_rate_per_second: must be 0 (off) or more, got {denial_rate!r}")
+    hold = section.get("denial_hold_seconds", (int, float), d.denial_hold_seconds)
+    if not 0 <= hold <= 30:
+        raise ConfigError(f"limits.denial_hold_seconds: must be between 0 (off) and 30, got {hold!r}")
     return Limits(
         rate_per_second=float(rate),
         rate_burst=section.positive("rate_burst", d.rate_burst, int),
         denial_rate_per_second=float(denial_rate),
         denial_burst=section.positive("denial_burst", d.denial_burst, int),
+        denial_hold_seconds=float(hold),
+        max_held_denials=section.positive("max_held_denials", d.max_held_denials, int),
         max_metadata_bytes=section.positive("max_metadata_bytes", d.max_metadata_bytes, int),
         max_concurrent_streams=section.positive("max_concurrent_streams", d.max_concurrent_streams, int),
         max_stream_messages=section.positive("max_stream_messages", d.max_stream_messages, int),

@@ -158,18 +158,14 @@ class SecurityInterceptor(aio.ServerInterceptor):
         """An unknown `method`: the checks, then UNIMPLEMENTED. Metrics label it UNKNOWN_METHOD, so
         a client inventing paths cannot grow the metrics."""
         started = perf_counter()
-        try:
-            await self._enforcer.enforce(method, context, request_streaming=True)
-        except aio.AbortError:
-            if self._metrics is not None:
-                code = context.code()
-                name = code.name if code is not None else "UNKNOWN"
-                self._metrics.done(UNKNOWN_METHOD, name, perf_counter() - started)
-            raise
+        if await self._enforcer.enforce(method, context, request_streaming=True) is None:
+            self._count(UNKNOWN_METHOD, context, started)
+            return
         if self._metrics is not None:
             self._metrics.done(UNKNOWN_METHOD, "UNIMPLEMENTED", perf_counter() - started)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "unknown method",
-                            trailing_metadata=((REQUEST_ID_KEY, new_request_id()),))
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("unknown method")
+        context.set_trailing_metadata(((REQUEST_ID_KEY, new_request_id()),))
 
     def _traced(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         """Outermost: the span covers the checks, the servicer and the error mapping."""
@@ -191,7 +187,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
             behavior = _decode_request_stream(behavior, decode)
 
         async def admit(raw: Any, context: aio.ServicerContext, started: float,
-                        streaming: bool) -> tuple[Any, Callable[[], None] | None]:
+                        streaming: bool) -> tuple[Any, Callable[[], None]] | None:
             try:
                 return await self._admit(method, context, started, raw, decode, model_of,
                                          request_streaming=request_streaming, streaming=streaming)
@@ -203,7 +199,10 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
             async def checked_stream(raw: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                request, release = await admit(raw, context, started, True)
+                admitted = await admit(raw, context, started, True)
+                if admitted is None:  # denied: the status is set
+                    return
+                request, release = admitted
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -212,8 +211,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
                 except Exception as exc:
                     await fail(method, context, exc, started)
                 finally:
-                    if release is not None:
-                        release()
+                    release()
                 if metrics is not None:
                     metrics.done(method, "OK", perf_counter() - started)
 
@@ -231,7 +229,10 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(raw: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            request, release = await admit(raw, context, started, request_streaming)
+            admitted = await admit(raw, context, started, request_streaming)
+            if admitted is None:  # denied: the status is set, no response
+                return None
+            request, release = admitted
             try:
                 response = await behavior(request, context)
             except aio.AbortError:
@@ -239,8 +240,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
             except Exception as exc:
                 await fail(method, context, exc, started)
             finally:
-                if release is not None:
-                    release()
+                release()
             if metrics is not None:
                 metrics.done(method, "OK", perf_counter() - started)
             return response
@@ -255,7 +255,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
         async def checked_messages(request_iterator: AsyncIterator[Any], context: aio.ServicerContext,
                                    verdict: Verdict) -> AsyncIterator[Any]:
             async for message in request_iterator:
-                await enforcer.enforce_model(method, context, verdict, model_of(message))
+                await enforcer.enforce_model(method, context, verdict, model_of(message), abort=True)
                 yield message
 
         if inspect.isasyncgenfunction(behavior):
@@ -275,37 +275,49 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
     async def _admit(self, method: str, context: aio.ServicerContext, started: float, raw: Any,
                      decode: Callable[[bytes], Any] | None, model_of: ModelOf | None, *,
-                     request_streaming: bool, streaming: bool) -> tuple[Any, Callable[[], None] | None]:
+                     request_streaming: bool, streaming: bool) -> tuple[Any, Callable[[], None]] | None:
         """Check the call, then decode a unary request body (only an allowed caller's; for a method
         whose request names a model, a caller allowed it for some model, whose named model the
-        policy then judges); a stream takes one of its principal's slots. Returns the request and the slot's
-        release. A denied call's duration and code are counted before its abort propagates."""
+        policy then judges); a stream takes one of its principal's slots. Returns the request and the
+        slot's release, or None when the call is denied (its status set, its code and duration
+        counted)."""
         enforcer = self._enforcer
-        try:
-            model: CallModel = None
-            if request_streaming or model_of is None:
-                model = ANY_MODEL if model_of is not None else None
-                verdict = await enforcer.enforce(method, context, model, request_streaming=request_streaming)
-                request = raw if request_streaming else _decoded(decode, raw)
-            else:
-                # The model is in the body: may this caller use the method with any model? Only
-                # then decode, and judge the model named (audited once, with that model).
-                opened = await enforcer.enforce(method, context, ANY_MODEL, provisional=True)
-                request = _decoded(decode, raw)
-                model = model_of(request)
-                verdict = await enforcer.enforce_model(method, context, opened, model)
-            _OPEN_VERDICT.set(verdict)
-            release = None
-            if streaming:
-                release = await enforcer.hold_stream(
-                    method, context, verdict, model, request_streaming=request_streaming
-                )
-            return request, release
-        except aio.AbortError:
-            if self._metrics is not None:
-                code = context.code()
-                self._metrics.done(method, code.name if code is not None else "UNKNOWN", perf_counter() - started)
-            raise
+        model: CallModel = None
+        verdict: Verdict | None
+        if request_streaming or model_of is None:
+            model = ANY_MODEL if model_of is not None else None
+            verdict = await enforcer.enforce(method, context, model, request_streaming=request_streaming)
+            if verdict is None:
+                self._count(method, context, started)
+                return None
+            request = raw if request_streaming else _decoded(decode, raw)
+        else:
+            # The model is in the body: may this caller use the method with any model? Only
+            # then decode, and judge the model named (audited once, with that model).
+            opened = await enforcer.enforce(method, context, ANY_MODEL, provisional=True)
+            if opened is None:
+                self._count(method, context, started)
+                return None
+            request = _decoded(decode, raw)
+            model = model_of(request)
+            verdict = await enforcer.enforce_model(method, context, opened, model)
+            if verdict is None:
+                self._count(method, context, started)
+                return None
+        if not streaming:
+            return request, _nothing_to_release
+        _OPEN_VERDICT.set(verdict)
+        release = await enforcer.hold_stream(method, context, verdict, model, request_streaming=request_streaming)
+        if release is None:
+            self._count(method, context, started)
+            return None
+        return request, release
+
+    def _count(self, method: str, context: aio.ServicerContext, started: float) -> None:
+        """Count a denied call by its final code and duration."""
+        if self._metrics is not None:
+            code = context.code()
+            self._metrics.done(method, code.name if code is not None else "UNKNOWN", perf_counter() - started)
 
     async def _fail(self, method: str, context: aio.ServicerContext, exc: Exception, started: float) -> None:
         """Turn a servicer exception into a status: ServiceErrors keep their message."""
@@ -318,6 +330,10 @@ class SecurityInterceptor(aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.done(method, code.name, perf_counter() - started)
         await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
+
+
+def _nothing_to_release() -> None:
+    """The release of a call that took no stream slot."""
 
 
 class _Undecodable(Exception):

@@ -87,6 +87,9 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         pytest.param("[limits]\ndenial_rate_per_second = -1\n", "limits.denial_rate_per_second: must be 0",
                      id="denial-rate-negative"),
         pytest.param("[limits]\ndenial_burst = 0\n", "limits.denial_burst", id="denial-burst-zero"),
+        pytest.param("[limits]\ndenial_hold_seconds = 31\n", r"limits.denial_hold_seconds: must be between 0 \(off\)",
+                     id="denial-hold-too-long"),
+        pytest.param("[limits]\nmax_held_denials = 0\n", "limits.max_held_denials", id="max-held-zero"),
         pytest.param("[server\n", "invalid TOML", id="bad-toml"),
     ],
 )

@@ -8,7 +8,9 @@ before its token is looked at, while other principals — and valid calls in any
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -92,3 +94,60 @@ def test_budget_refills_and_valid_calls_do_not_spend_it(start_stack: Any) -> Non
         assert [RPC_KINDS["unary"](ch, valid) for _ in range(20)] == [5] * 20
     reasons = {r["reason"] for r in stack.audit_records()}
     assert reasons == {"token_bad_signature", "too_many_denials"}
+
+
+HOLD = 1.5  # denial_hold_seconds on the holding server
+MAX_HELD = 2
+FLOODER = "dh-flooder"
+
+
+@pytest.fixture(scope="module")
+def holding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    limits = replace(Limits(), denial_rate_per_second=0.001, denial_burst=1, denial_hold_seconds=HOLD,
+                     max_held_denials=MAX_HELD)
+    with private_stack(tmp_path_factory.mktemp("denial-hold"), clients=[FLOODER, HONEST], limits=limits) as running:
+        with channel(running, FLOODER) as ch:  # one forged call empties a budget of 1
+            run(lambda: RPC_KINDS["unary"](ch, _forged(running, FLOODER)))
+        yield running
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.monotonic()
+    outcome = run(call)
+    return outcome, time.monotonic() - started
+
+
+@pytest.mark.parametrize("kind", list(RPC_KINDS))
+def test_flooders_refusals_are_answered_late_while_others_are_served(holding: Any, kind: str) -> None:
+    """A principal with an empty denial budget gets its refusal (every RPC kind) only after
+    `denial_hold_seconds`, audited `too_many_denials` with the trailer's request id; meanwhile an
+    honest principal is answered at once."""
+    forged, honest = _forged(holding, FLOODER), _valid(holding, HONEST)
+    before = len(holding.audit_records())
+    with channel(holding, FLOODER) as flood_ch, channel(holding, HONEST) as honest_ch, \
+            ThreadPoolExecutor(1) as pool:
+        refusal = pool.submit(_timed, lambda: RPC_KINDS[kind](flood_ch, forged))
+        wait_until(lambda: len(holding.audit_records()) > before, 10.0, "the refusal's audit record")
+        served, served_in = _timed(lambda: RPC_KINDS[kind](honest_ch, honest))
+        outcome, refused_in = refusal.result(timeout=30)
+    assert served.code == grpc.StatusCode.OK and served_in < HOLD / 2, (served, served_in)
+    assert refused_in >= HOLD * 0.95, refused_in
+    assert_denied(holding, before, outcome, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_denials")
+
+
+def test_held_refusals_are_bounded(holding: Any) -> None:
+    """At most `max_held_denials` refusals wait at once: the others are answered at once (memory
+    stays bounded however many calls a flooder opens), every one audited."""
+    forged = _forged(holding, FLOODER)
+    before = len(holding.audit_records())
+    calls = 2 * MAX_HELD
+    with channel(holding, FLOODER) as ch, ThreadPoolExecutor(calls) as pool:
+        results = list(pool.map(lambda _: _timed(lambda: RPC_KINDS["unary"](ch, forged)), range(calls)))
+    held = sorted(elapsed for _, elapsed in results)
+    assert all(elapsed >= HOLD * 0.95 for elapsed in held[-MAX_HELD:]), held
+    assert all(elapsed < HOLD * 0.8 for elapsed in held[:-MAX_HELD]), held
+    codes = {outcome.code for outcome, _ in results}
+    assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    records = holding.audit_records()[before:]
+    assert sorted(r["request_id"] for r in records) == sorted(o.request_id for o, _ in results)
+    assert {r["reason"] for r in records} == {"too_many_denials"}

@@ -38,7 +38,10 @@ pytestmark = pytest.mark.reliability
 KILL_ROUNDS = 4
 FLOOD_IN_FLIGHT = 64
 # AIGIS_TEST_DURABILITY=background shows what the test catches without the durable default.
-DURABILITY_CONFIG = f'[audit]\ndurability = "{os.environ.get("AIGIS_TEST_DURABILITY", "fsync")}"\n'
+# These tests need thousands of denials a second to stress the audit log: the denial hold (which
+# answers a flooder's refusals late, tests/test_denial_budget.py) would cut the flood to a trickle.
+NO_HOLD = "[limits]\ndenial_hold_seconds = 0\n"
+DURABILITY_CONFIG = f'[audit]\ndurability = "{os.environ.get("AIGIS_TEST_DURABILITY", "fsync")}"\n' + NO_HOLD
 
 
 async def _flood_then_kill(served: Served, flood_seconds: float) -> Seen:
@@ -106,7 +109,7 @@ def test_disk_full_every_loss_is_chained_counted_and_logged_briefly(tmp_path: Pa
     pki, _ = make_pki(tmp_path / "certs", datetime.now(UTC))
     audit_log = tmp_path / "audit.jsonl"
     limit = 48 * 1024  # about 150 records, then every write fails
-    served = serve(tmp_path, pki, audit_log, name="full", preexec=lambda: _file_size_limit(limit))
+    served = serve(tmp_path, pki, audit_log, name="full", config=NO_HOLD, preexec=lambda: _file_size_limit(limit))
     port = served.info["metrics_port"]
     try:
         seen = asyncio.run(add_load(served.target, served.pki, in_flight=32, seconds=3, max_calls=20_000))

@@ -586,27 +586,33 @@ def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], 
 PROFILE_RATE = 1000  # py-spy samples per second
 
 
-DURABILITIES = ("background", "write", "fsync")
+# (`--denials` mode, [audit] durability, [limits] denial_hold_seconds): each durability answering at
+# once, then aigis's defaults (fsync, refusals of a flooder held 1 s).
+DENIAL_MODES = (("background", "background", 0.0), ("write", "write", 0.0), ("fsync", "fsync", 0.0),
+                ("fsync+hold", "fsync", None))
 
 
 def run_denials(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     """What answering a denial only after its audit record is on disk costs (`--denials`).
 
-    For each `[audit] durability` (background = answered at once, the old behaviour), a fresh
-    aigis server, measured in four windows: valid Add alone; a forged-token flood alone (denials/s
-    and server CPU per denial); one denial at a time (latency); valid Add beside the flood.
-    Modes alternate within each round, so drift on a shared machine hits all alike.
+    For each `[audit] durability` (background = answered at once, the old behaviour) with the
+    denial hold off, then with aigis's defaults (fsync, a flooder's `too_many_denials` refusals held
+    `denial_hold_seconds`), a fresh aigis server, measured in four windows: valid Add alone; a
+    forged-token flood alone (denials/s and server CPU per denial); one denial at a time (latency);
+    valid Add beside the flood. Modes alternate within each round, so drift on a shared machine
+    hits all alike.
     """
-    rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in DURABILITIES}
+    rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _, _ in DENIAL_MODES}
     with tempfile.TemporaryDirectory(prefix="aigis-bench-") as tmp:
         workdir = Path(tmp)
         suite = Suite(settings, workdir)
         model = prepare_model(settings.model_dirs[0], workdir / "models", settings)
         for r in range(settings.rounds):
-            for mode in DURABILITIES:
-                progress(f"round {r + 1}/{settings.rounds}: durability {mode}")
-                (server,) = start_servers(("aigis",), model.dirs["off"], suite.pki, workdir, f"denials-{mode}-{r}",
-                                          extra_args=["--audit-durability", mode])
+            for mode, durability, hold in DENIAL_MODES:
+                progress(f"round {r + 1}/{settings.rounds}: {mode}")
+                extra = ["--audit-durability", durability] + ([] if hold is None else ["--denial-hold", str(hold)])
+                (server,) = start_servers(("aigis",), model.dirs["off"], suite.pki, workdir,
+                                          f"denials-{mode.replace('+', '-')}-{r}", extra_args=extra)
                 try:
                     token = fetch_token(server, suite.pki)
                     issuer = server.issuer_url or "https://localhost:0"
@@ -770,7 +776,7 @@ def render_denials(result: dict[str, Any]) -> str:
     columns = [("valid_rps", "Add req/s", 0), ("valid_cpu_us", "CPU µs/Add", 0), ("denials_per_s", "denials/s", 0),
                ("denial_cpu_us", "CPU µs/denial", 0), ("denial_p50_ms", "denial p50 ms", 2),
                ("denial_p99_ms", "denial p99 ms", 2), ("valid_rps_flooded", "Add req/s in flood", 0)]
-    lines = ["| durability | " + " | ".join(title for _, title, _ in columns) + " |",
+    lines = ["| durability (+ hold) | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for mode, row in result["table"].items():
         lines.append(f"| {mode} | " + " | ".join(fmt(row[key], digits) for key, _, digits in columns) + " |")
@@ -907,7 +913,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mlserver", action="store_true",
                    help="with --infer: also MLServer, installed once into its own venv under ~/.cache/aigis-bench")
     p.add_argument("--denials", action="store_true",
-                   help="instead of the suite: what each [audit] durability costs denials and valid calls")
+                   help="instead of the suite: what each [audit] durability, and the denial hold, cost "
+                        "denials and valid calls")
     p.add_argument("--profile", type=Path, metavar="OUT.prof",
                    help="instead of the suite: sample an aigis server with py-spy under Add at the highest load")
     p.add_argument("--profile-load", choices=("add", "flood"), default="add",

@@ -1,20 +1,30 @@
 """Prometheus metrics (prometheus-client) on their own HTTP port.
 
 Each server has its own CollectorRegistry, so several servers in one process (tests, benchmarks)
-do not mix. Label children are resolved once per (method, code) and cached: the per-call cost is
-two dict lookups, a counter increment and a histogram observation (~1.5 µs).
+do not mix. The per-call series (requests, latency, denials, model inferences) are plain Python
+ints and lists exported by collectors at scrape time: prometheus-client's Counter/Histogram take
+a lock per increment and walk the buckets in Python (~1.8 µs per call here, 5 to 8 µs under load);
+these cost ~0.5 µs. Everything else stays on prometheus-client's own metric classes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from pathlib import Path
 
+import prometheus_client.metrics
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from aigis.auth.decision import Decision
 
@@ -35,35 +45,111 @@ class _CallbackCounter(Collector):
         yield CounterMetricFamily(self._name, self._documentation, value=self._value())
 
 
+def _created_series() -> bool:
+    """Whether prometheus-client's own metrics export `_created` samples (on unless
+    PROMETHEUS_DISABLE_CREATED_SERIES / disable_created_metrics()); the plain series follow it."""
+    return bool(prometheus_client.metrics._use_created)
+
+
+class _PlainCounter(Collector):
+    """A labelled counter kept as plain ints and exported at scrape time, like Counter's output.
+
+    `inc` takes no lock: callers are one thread (the event loop) or serialise themselves. The
+    scrape thread copies the dicts first — dict.copy() does not release the GIL, so a first
+    increment of a new label set cannot resize a dict under its iteration; a count a few
+    increments old is fine.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._values: dict[tuple[str, ...], int] = {}
+        self._created: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...]) -> None:
+        try:
+            self._values[labels] += 1
+        except KeyError:
+            self._created[labels] = time.time()  # first: a scrape that sees the value finds it
+            self._values[labels] = 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        values = self._values.copy()
+        created = self._created.copy()
+        with_created = _created_series()
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for labels, value in values.items():
+            family.add_metric(labels, value, created=created[labels] if with_created else None)
+        yield family
+
+
+class _PlainHistogram(Collector):
+    """A labelled histogram kept as plain lists, exported like Histogram's output (threads as in
+    _PlainCounter). Per label set one list: the count in each bucket (not cumulative) and the sum
+    last, so one slice copies buckets and sum from the same moment."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...]) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        self._bounds = (*map(float, buckets), math.inf)
+        self._le = [floatToGoString(bound) for bound in self._bounds]
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._created: dict[tuple[str, ...], float] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        counts = self._series.get(labels)
+        if counts is None:
+            self._created[labels] = time.time()
+            counts = self._series[labels] = [0] * len(self._bounds) + [0.0]
+        # The first bound >= value: prometheus-client's `value <= bound`.
+        counts[bisect_left(self._bounds, value)] += 1
+        counts[-1] += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        series = self._series.copy()
+        created = self._created.copy()
+        with_created = _created_series()
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for labels, live in series.items():
+            counts = live[:]
+            buckets = [(le, float(n)) for le, n in zip(self._le, accumulate(counts[:-1]), strict=True)]
+            family.add_metric(labels, buckets, counts[-1])
+            if with_created:
+                family.samples.append(
+                    Sample(f"{self._name}_created", dict(zip(self._labelnames, labels, strict=True)), created[labels])
+                )
+        yield family
+
+
 class Metrics:
     """Everything aigis exports. Methods are cheap and safe to call from any thread."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "aigis_requests", "RPCs by method and final status code.", ["method", "code"], registry=self.registry
-        )
-        self.latency = Histogram(
+        self._requests = _PlainCounter("aigis_requests", "RPCs by method and final status code.", ("method", "code"))
+        self._latency = _PlainHistogram(
             "aigis_request_duration_seconds",
             "Time from the interceptor's first check to the servicer's last response.",
-            ["method"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            ("method",),
+            LATENCY_BUCKETS,
         )
-        self.denials = Counter("aigis_denials", "Denied RPCs by reason code.", ["reason"], registry=self.registry)
+        self._denials = _PlainCounter("aigis_denials", "Denied RPCs by reason code.", ("reason",))
+        for collector in (self._requests, self._latency, self._denials):
+            self.registry.register(collector)
         self.batch_size = Histogram(
             "aigis_inference_batch_size", "Rows (images, tensor rows) per batch.", ["model"], buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self.model_inferences = Counter(
+        self._model_inferences = _PlainCounter(
             "aigis_model_inferences", "Inferences by model and version (ModelInfer, streams, ClassifyImage).",
-            ["model", "version"], registry=self.registry,
+            ("model", "version"),
         )
-        self.model_latency = Histogram(
+        self._model_latency = _PlainHistogram(
             "aigis_model_inference_duration_seconds", "Time in the model (queueing for a batch included).",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            ("model", "version"), LATENCY_BUCKETS,
         )
-        self._models: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self.registry.register(self._model_inferences)
+        self.registry.register(self._model_latency)
+        self._models_lock = threading.Lock()
         self.audit_queue = Gauge("aigis_audit_queue_depth", "Audit records not yet on disk.", registry=self.registry)
         self.audit_dropped = Counter(
             "aigis_audit_dropped", "Audit records lost, by cause (each also counted in an audit_overflow record).",
@@ -120,28 +206,24 @@ class Metrics:
             ["issuer", "result"],
             registry=self.registry,
         )
-        self._done: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._shadow: dict[tuple[str, bool, bool], Counter] = {}
 
     def done(self, method: str, code: str, seconds: float) -> None:
-        children = self._done.get((method, code))
-        if children is None:
-            children = (self.requests.labels(method, code), self.latency.labels(method))
-            self._done[(method, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """One finished RPC. On the event-loop thread only: the series take no lock."""
+        self._requests.inc((method, code))
+        self._latency.observe((method,), seconds)
 
     def inference(self, model: str, version: str, seconds: float) -> None:
-        """One inference of `model`/`version` (labels only take configured model names, never input)."""
-        children = self._models.get((model, version))
-        if children is None:
-            children = (self.model_inferences.labels(model, version), self.model_latency.labels(model, version))
-            self._models[(model, version)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        """One inference of `model`/`version` (labels only take configured model names, never input).
+        Locked: the servicers call it on the loop today, but a model may report from its threads."""
+        labels = (model, version)
+        with self._models_lock:
+            self._model_inferences.inc(labels)
+            self._model_latency.observe(labels, seconds)
 
     def denied(self, reason: str) -> None:
-        self.denials.labels(reason).inc()
+        """One denial by reason code. On the event-loop thread only (the Enforcer's hook)."""
+        self._denials.inc((reason,))
 
     def denial_observer(self, method: str, decision: Decision) -> None:
         """The Enforcer's hook: count a denial by reason (its code and latency are counted by the wrapper)."""

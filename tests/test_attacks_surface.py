@@ -212,8 +212,8 @@ def test_an_allowed_caller_gets_unimplemented_for_an_unknown_method(tmp_path: Pa
         outcome = _call(stack, f"{CALC}/Divide", b"", bearer(issuer_token(stack, "demo")))
         assert (outcome.code, outcome.details) == (grpc.StatusCode.UNIMPLEMENTED, "unknown method")
         assert outcome.request_id
-        requests = stack.server.metrics.requests
-        assert requests.labels(UNKNOWN_METHOD, "UNIMPLEMENTED")._value.get() == 1
+        labels = {"method": UNKNOWN_METHOD, "code": "UNIMPLEMENTED"}
+        assert stack.server.metrics.registry.get_sample_value("aigis_requests_total", labels) == 1
 
 
 # ------------------------------------------------------------------------- item 9: Health/List

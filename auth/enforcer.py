@@ -5,7 +5,8 @@ how handlers are wrapped by RPC shape, how servicer errors become statuses, the 
 metrics are the server's business (aigis.server.secured). This module is the whole security
 decision for a call: it returns the verdict when the call may proceed; otherwise it sets the coarse
 status from auth.decision.REASON_STATUS and trailing metadata `aigis-request-id` and returns None
-(the wrapper then returns without a response); the audit log gets the reason. Any error while checking denies (`check_error`).
+(the wrapper then returns without a response); the audit log gets the reason. Any error while
+checking denies (`check_error`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Enforcer:
         authenticated caller's verdict (allowed, or refused by the policy) is not settled here but
         handed to `enforce_model` once the body is decoded (decode after the check)."""
         try:
-            verdict = await self._guard.check(method, context, model)
+            checked = self._guard.check_now(method, context, model)
+            verdict = checked if isinstance(checked, Verdict) else await self._guard.complete(checked, method, model)
         except Exception:
             # Fail closed: a bug or an unexpected input in a check is a denial, never a pass.
             request_id = new_request_id()

@@ -52,6 +52,15 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenToVerify:
+    """Where `Guard.check_now` stopped: the caller is identified, its token not yet verified."""
+
+    raw: str
+    identity: PeerIdentity
+    metadata: Sequence[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class RevokedClients:
     """Client ids revoked in the client registry, for the tokens of the issuer that registry serves.
 
@@ -90,7 +99,7 @@ class Guard:
         self._denial_budget = denial_budget
         self._require_binding = require_binding
         self._revocations = revocations or RevocationList()
-        self._decisions: dict[tuple[str, str, frozenset[str] | None, CallModel], tuple[Decision, Decision | None]] = {}
+        self._decisions: dict[tuple[str, str, frozenset[str] | None, CallModel], Verdict] = {}
         self._policy = policy
         self._shadow = shadow_policy
         self._on_phase = on_phase
@@ -123,41 +132,65 @@ class Guard:
 
     async def check(self, method: str, context: Any, model: CallModel = None) -> Verdict:
         """The whole pipeline for one call; `model` is the model it names (None: it names none)."""
-        phase = self._on_phase
-        verdict = await self._check(method, context, model, phase)
-        if phase is not None:
-            phase("decision", _outcome(verdict.decision))
-            if verdict.shadow is not None:
-                shadow = {"aigis.authorized": verdict.shadow.allowed, "aigis.differs": verdict.shadow_differs}
-                phase("shadow_policy", shadow)
-        return verdict
+        now = self.check_now(method, context, model)
+        return now if isinstance(now, Verdict) else await self.complete(now, method, model)
 
-    async def _check(self, method: str, context: Any, model: CallModel, phase: PhaseObserver | None) -> Verdict:
-        # One coroutine and one read of the metadata per call: this runs before every RPC, and each
-        # grpc accessor builds new Python objects (auth_context() ~4 µs, invocation_metadata() ~2 µs).
+    def check_now(self, method: str, context: Any, model: CallModel = None) -> Verdict | TokenToVerify:
+        """The pipeline up to where it would wait: the Verdict, or what `complete` needs when a token
+        must be verified first (one not seen before: a signature check, maybe a key fetch).
+
+        Every RPC runs this, so the common call — a token verified earlier — awaits nothing, and each
+        grpc accessor is read once (they build new objects per call: auth_context() ~4 µs,
+        invocation_metadata() ~2 µs)."""
+        phase = self._on_phase
         identity = self._identify(context.auth_context(), phase)
         if isinstance(identity, Verdict):
-            return identity
+            return self._observed(identity)
         metadata: Sequence[Any] = context.invocation_metadata() or ()
-        token: VerifiedToken | None = None
         try:
             raw = parse_authorization(metadata)
-            if raw is not None:
-                token = self.verifier.cached(raw) or await self.verifier.verify(raw)
         except TokenError as exc:
-            return Verdict(Decision.deny(exc.reason), identity)
+            return self._observed(Verdict(Decision.deny(exc.reason), identity))
+        if raw is None:
+            return self._with_token(method, identity, metadata, None, model)
+        token = self.verifier.cached(raw)
+        if token is None:
+            return TokenToVerify(raw, identity, metadata)
+        return self._with_token(method, identity, metadata, token, model)
+
+    async def complete(self, pending: TokenToVerify, method: str, model: CallModel = None) -> Verdict:
+        """The rest of the pipeline once `pending.raw` is verified (or refused)."""
+        try:
+            token = await self.verifier.verify(pending.raw)
+        except TokenError as exc:
+            return self._observed(Verdict(Decision.deny(exc.reason), pending.identity))
+        return self._with_token(method, pending.identity, pending.metadata, token, model)
+
+    def _with_token(self, method: str, identity: PeerIdentity, metadata: Sequence[Any], token: VerifiedToken | None,
+                    model: CallModel) -> Verdict:
+        """Token revocation and certificate binding, then the policy."""
         if token is not None:
-            if phase is not None:
-                phase("token", {"aigis.client_id": token.client_id, "aigis.token_issuer": token.issuer})
+            if self._on_phase is not None:
+                self._on_phase("token", {"aigis.client_id": token.client_id, "aigis.token_issuer": token.issuer})
             if self.revoked_clients.covers(token):
-                return Verdict(Decision.deny(Reason.TOKEN_CLIENT_REVOKED), identity, token)
+                return self._observed(Verdict(Decision.deny(Reason.TOKEN_CLIENT_REVOKED), identity, token))
             # RFC 8705 §3: a certificate-bound token is only good over the certificate it names.
             bound_to = token.cnf_x5t_s256
             if bound_to is not None and bound_to != identity.fingerprint:
-                return Verdict(Decision.deny(Reason.TOKEN_CERT_MISMATCH), identity, token)
+                return self._observed(Verdict(Decision.deny(Reason.TOKEN_CERT_MISMATCH), identity, token))
             if bound_to is None and self._require_binding:
-                return Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token)
-        return self._decide(method, identity, metadata, token, model)
+                return self._observed(Verdict(Decision.deny(Reason.TOKEN_UNBOUND), identity, token))
+        return self._observed(self._decide(method, identity, metadata, token, model))
+
+    def _observed(self, verdict: Verdict) -> Verdict:
+        """Report the final decision (and the shadow policy's) to the phase observer, if any."""
+        phase = self._on_phase
+        if phase is not None:
+            phase("decision", _outcome(verdict.decision))
+            if verdict.shadow is not None:
+                phase("shadow_policy", {"aigis.authorized": verdict.shadow.allowed,
+                                        "aigis.differs": verdict.shadow_differs})
+        return verdict
 
     def _identify(self, auth_context: Mapping[str, Sequence[bytes]],
                   phase: PhaseObserver | None) -> PeerIdentity | Verdict:
@@ -204,15 +237,20 @@ class Guard:
             return Verdict(decision, identity, token, _dry_run(shadow, method, identity, metadata, token, model))
         key = (identity.fingerprint, method, token.scopes if token is not None else None, model)
         cached = self._decisions.get(key)
-        if cached is None:
-            cached = (
-                policy.evaluate(method, identity, metadata, token, model),
-                _dry_run(shadow, method, identity, metadata, token, model),
-            )
-            if len(self._decisions) >= _DECISION_CACHE_MAX:
-                self._decisions.clear()
-            self._decisions[key] = cached
-        return Verdict(cached[0], identity, token, cached[1])
+        if cached is not None:
+            # Same key, same decisions; the Verdict itself is reused for the same identity and token
+            # objects (the caches hand out one per certificate and per token), the common case.
+            if cached.identity is identity and cached.token is token:
+                return cached
+            return Verdict(cached.decision, identity, token, cached.shadow)
+        verdict = Verdict(
+            policy.evaluate(method, identity, metadata, token, model), identity, token,
+            _dry_run(shadow, method, identity, metadata, token, model),
+        )
+        if len(self._decisions) >= _DECISION_CACHE_MAX:
+            self._decisions.clear()
+        self._decisions[key] = verdict
+        return verdict
 
 
 def _outcome(decision: Decision) -> dict[str, str | bool]:

@@ -243,7 +243,7 @@ def profile_summary(path: Path, requests: int, rate: int, top: int = 25) -> dict
 # (enforcer, guard, token and identity caches, metrics, grpc's context accessors), but not the
 # servicer itself nor the request decode, which the bare server does too.
 _WRAPPER_FILE = "server/secured.py:"
-_NOT_SECURITY = ("(_decoded)", "(_decode_request_stream.<locals>.decoded)")
+_NOT_SECURITY = ("(_decode_body)", "(_decode_request_stream.<locals>.decoded)")
 
 
 def _in_security_path(frames: list[str]) -> bool:

@@ -150,7 +150,7 @@ def test_security_path_counts_the_wrapper_and_what_it_calls_not_the_servicer(tmp
         f"{root};{wrapper};done ({repo}/server/metrics.py:126)": 1,  # metrics
         f"{root};{wrapper}": 2,  # the wrapper itself
         f"{root};{wrapper};Add ({repo}/server/calculator.py:26)": 5,  # the servicer
-        f"{root};{wrapper};_decoded ({repo}/server/secured.py:331)": 4,  # the request decode
+        f"{root};{wrapper};_decode_body ({repo}/server/secured.py:331)": 4,  # the request decode
         f"{root};select (selectors.py:451)": 7,  # grpc and asyncio, outside the wrapper
     }
     path = tmp_path / "raw.prof"

@@ -57,7 +57,7 @@ from aigis.auth.audit_chain import (
     seal,
     writer_path,
 )
-from aigis.auth.audit_format import AuditFormat, to_grpc
+from aigis.auth.audit_format import AuditFormat, denial_count, to_grpc
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_QUEUE_SIZE", "DURABLE_WAIT_SECONDS", "AuditError", "AuditLog", "Durability",
@@ -109,14 +109,17 @@ class _Drops:
     first: str | None = None
     last: str | None = None
 
-    def add(self, entry: Mapping[str, Any], cause: str) -> None:
-        self.count += 1
-        self.by_reason[str(entry.get("reason") or entry.get("event") or "-")] += 1
-        self.causes[cause] += 1
+    def add(self, entry: Mapping[str, Any], cause: str) -> int:
+        """Count `entry` as the calls it stands for (a shared refusal record: each refusal); returns that."""
+        calls = denial_count(entry)
+        self.count += calls
+        self.by_reason[str(entry.get("reason") or entry.get("event") or "-")] += calls
+        self.causes[cause] += calls
         stamp = entry.get("timestamp")
         if isinstance(stamp, str):
             self.first = self.first or stamp
             self.last = stamp
+        return calls
 
     def merge_older(self, other: _Drops) -> None:
         self.count += other.count
@@ -281,11 +284,12 @@ class AuditLog:
             self._queue.put((entry, waiter))
 
     def _drop(self, entry: Mapping[str, Any], cause: str) -> None:
-        """Count a lost record for the next overflow record and the metric (caller holds the lock)."""
-        self._drops.add(entry, cause)
-        self._dropped_total += 1
+        """Count a lost record (as the calls it stands for) for the next overflow record and the metric
+        (caller holds the lock)."""
+        calls = self._drops.add(entry, cause)
+        self._dropped_total += calls
         if self.on_drop is not None:
-            self.on_drop(cause, 1)
+            self.on_drop(cause, calls)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record queued so far (and any overflow record) is on disk."""
@@ -316,7 +320,7 @@ class AuditLog:
 
     @property
     def dropped(self) -> int:
-        """Records that never reached the file (each is counted in an overflow record)."""
+        """Audited calls whose record never reached the file (each counted in an overflow record)."""
         return self._dropped_total
 
     # ---- life cycle ------------------------------------------------------------------------------

@@ -38,3 +38,18 @@ def flat(record: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(nested, dict):
         return dict(record)
     return {**nested, **{k: v for k, v in record.items() if k != GRPC_AUDIT_LOG}}
+
+
+def request_ids(record: Mapping[str, Any]) -> list[str]:
+    """Every request a record answers for: one, or all of a shared refusal record (auth.refusals)."""
+    many = record.get("request_ids")
+    if isinstance(many, list):
+        return [str(rid) for rid in many]
+    one = record.get("request_id")
+    return [str(one)] if one is not None else []
+
+
+def denial_count(record: Mapping[str, Any]) -> int:
+    """How many denied calls a record stands for (`count` of a shared refusal record, else 1)."""
+    count = record.get("count")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1

@@ -25,6 +25,7 @@ from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
 from aigis.auth.denial_hold import DenialHold
 from aigis.auth.guard import Guard, Verdict
 from aigis.auth.policy import ANY_MODEL, AuditCondition, CallModel, ModelRef
+from aigis.auth.refusals import RefusalRecorder
 from aigis.auth.streams import StreamSlots
 
 log = logging.getLogger("aigis.enforcer")
@@ -68,6 +69,7 @@ class Enforcer:
         auth.denial_hold), so a flooder waiting for its answers sends fewer calls."""
         self._guard = guard
         self._hold = hold
+        self._refusals = RefusalRecorder(audit) if audit is not None else None
         self._streams = streams
         self._audit = audit
         self._on_denial = on_denial
@@ -202,7 +204,11 @@ class Enforcer:
             # A denial the client sees is on disk first (auth.audit.Durability); if it cannot be
             # made durable, the client sees UNAVAILABLE instead, never an unrecorded denial.
             record = self._record(method, context, verdict, request_id, model)
-            if not await self._audit.record_durably(record):
+            # A flooder's refusals share records (auth.refusals), each still under its request id.
+            refusal = verdict.decision.reason is Reason.TOO_MANY_DENIALS and self._refusals is not None
+            recorder = self._refusals if refusal else self._audit
+            assert recorder is not None
+            if not await recorder.record_durably(record):
                 code = grpc.StatusCode.UNAVAILABLE
         if self._on_denial is not None:
             self._on_denial(method, verdict.decision)

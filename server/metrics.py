@@ -152,7 +152,8 @@ class Metrics:
         self._models_lock = threading.Lock()
         self.audit_queue = Gauge("aigis_audit_queue_depth", "Audit records not yet on disk.", registry=self.registry)
         self.audit_dropped = Counter(
-            "aigis_audit_dropped", "Audit records lost, by cause (each also counted in an audit_overflow record).",
+            "aigis_audit_dropped", "Audited calls whose record was lost (a shared refusal record counts each "
+            "refusal), by cause; each also counted in an audit_overflow record.",
             ["cause"], registry=self.registry,
         )
         for cause in ("queue_full", "write_error", "shutdown"):

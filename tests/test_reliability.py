@@ -27,6 +27,7 @@ from serve_proc import Served, serve
 
 from aigis.auth.audit import read_records
 from aigis.auth.audit_chain import verify_log
+from aigis.auth.audit_format import request_ids
 from aigis.auth.clients import load_registry
 from aigis.auth.issuer import TokenService
 from aigis.auth.signing_keys import rotate_signing_key
@@ -71,7 +72,7 @@ def test_kill_9_during_a_denial_flood_loses_no_denial_a_client_saw(tmp_path: Pat
     served = serve(tmp_path, pki, audit_log, name="after")
     assert served.kill(signal.SIGTERM) == 0, served.output()
     records = read_records(audit_log)
-    logged = {r.get("request_id") for r in records}
+    logged = {rid for r in records for rid in request_ids(r)}
     missing = seen.denial_ids - logged
     report = verify_log(audit_log, None)
     print(f"\nkill -9 x{KILL_ROUNDS} during a denial flood: {len(seen.denial_ids)} denials seen by clients "
@@ -127,7 +128,7 @@ def test_disk_full_every_loss_is_chained_counted_and_logged_briefly(tmp_path: Pa
         overflow = [r for r in read_records(audit_log) if r.get("event") == "audit_overflow"]
         assert chained() == unavailable
         assert sum(r["causes"].get("write_error", 0) for r in overflow) == unavailable
-        logged = {r.get("request_id") for r in read_records(audit_log)}
+        logged = {rid for r in read_records(audit_log) for rid in request_ids(r)}
         assert seen.denial_ids <= logged
         # The outside reference for `aigis audit verify --expect-seq`: the newest seq on disk.
         assert metric(port, "aigis_audit_last_seq", 'file="audit.jsonl"') == read_records(audit_log)[-1]["seq"]

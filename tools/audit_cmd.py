@@ -29,7 +29,7 @@ from aigis.auth.audit_chain import (
     verify_log,
     write_new_key,
 )
-from aigis.auth.audit_format import flat
+from aigis.auth.audit_format import denial_count, flat
 from aigis.auth.decision import Reason
 from aigis.tools.config_cmd import configured_audit_log
 
@@ -105,9 +105,15 @@ def terminal_safe(value: str) -> str:
     return "".join(out)
 
 
+def _cell(record: dict[str, Any], column: str) -> str:
+    if column == "request_id" and denial_count(record) > 1:  # a shared refusal record
+        return f"{record.get('request_id')} (+{denial_count(record) - 1} more)"
+    return str(record.get(column) or "-")
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     columns = ("timestamp", "reason", "rpc_method", "principal", "client_id", "request_id")
-    rows = [[terminal_safe(str(r.get(c) or "-")) for c in columns] for r in records]
+    rows = [[terminal_safe(_cell(r, c)) for c in columns] for r in records]
     widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
@@ -143,8 +149,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
             if isinstance(by_reason, dict):
                 lost.update({str(k): int(v) for k, v in by_reason.items() if isinstance(v, int)})
         elif not is_event(record) and record.get("authorized") is not True and record.get("dry_run") is not True:
-            reasons[str(record.get("reason") or "-")] += 1
-            principals[str(record.get("principal") or "-")] += 1
+            count = denial_count(record)  # a shared refusal record stands for `count` denials
+            reasons[str(record.get("reason") or "-")] += count
+            principals[str(record.get("principal") or "-")] += count
     return Summary(sum(reasons.values()), _ranked(reasons), _ranked(principals), sum(lost.values()), _ranked(lost))
 
 

@@ -21,6 +21,7 @@ import grpc
 import jwt
 
 from aigis.auth.audit import read_records
+from aigis.auth.audit_format import request_ids
 from aigis.auth.certs import init_pki, issue_client, revoke_client
 from aigis.auth.pki import PkiPaths
 from aigis.calculator.v1 import calculator_pb2, calculator_pb2_grpc
@@ -107,7 +108,7 @@ def run_demo(work: Path, *, keep: bool = True) -> int:
     finally:
         server.stop()
     reasons = tuple(r["reason"] for r in records)
-    ids = {r["request_id"] for r in records}
+    ids = {rid for r in records for rid in request_ids(r)}
     ok = reasons == EXPECTED_DENIALS and all(rid in ids for rid in denials)
     print(f"\n{'OK' if ok else 'UNEXPECTED'}: {len(records)} denied request(s) audited: {', '.join(reasons)}")
     if keep:

@@ -472,6 +472,9 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
     started.push_async_callback(server.stop, 0)
     # Every service registers through the registrar, which wraps each handler with the checks.
     stream_slots = StreamSlots(config.limits.max_streams_per_principal)
+    hold = DenialHold(limits.denial_hold_seconds, limits.max_held_denials) if limits.denial_hold_seconds > 0 else None
+    if hold is not None:
+        metrics.track_denial_hold(lambda: hold.held, lambda: hold.overflow)
     enforcer = Enforcer(
         guard,
         audit,
@@ -479,8 +482,7 @@ async def _start(config: Config, started: contextlib.AsyncExitStack) -> AigisSer
         on_shadow=metrics.shadow_observer,
         trace_id=tracing.current_trace_id if tracer is not None else None,
         streams=stream_slots,
-        hold=DenialHold(limits.denial_hold_seconds, limits.max_held_denials) if limits.denial_hold_seconds > 0
-        else None,
+        hold=hold,
     )
     classifiers = repository.classifiers()
     security = SecurityInterceptor(enforcer, max_stream_messages=limits.max_stream_messages, metrics=metrics,

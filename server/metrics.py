@@ -252,6 +252,17 @@ class Metrics:
             count,
         ))  # fmt: skip
 
+    def track_denial_hold(self, held: Callable[[], float], overflow: Callable[[], float]) -> None:
+        """Export the refusals held now (auth.denial_hold) and those answered at once because the
+        hold was full."""
+        Gauge("aigis_denials_held", "too_many_denials refusals waiting to be answered (denial_hold_seconds).",
+              registry=self.registry).set_function(held)
+        self.registry.register(_CallbackCounter(
+            "aigis_denial_hold_overflow",
+            "too_many_denials refusals answered at once because max_held_denials were already waiting.",
+            overflow,
+        ))  # fmt: skip
+
     def track_audit_queue(self, depth: Callable[[], float]) -> None:
         self.audit_queue.set_function(depth)
 

@@ -20,6 +20,7 @@ from calls import RPC_KINDS, assert_denied, bearer, channel, issuer_token, run, 
 from forge import factory, real_key, valid_claims
 from jwt_factory import generate_key
 from private_stack import private_stack
+from test_metrics import sample, scrape
 
 from aigis.auth.audit_format import request_ids
 from aigis.server.config import Limits
@@ -138,9 +139,11 @@ def test_flooders_refusals_are_answered_late_while_others_are_served(holding: An
 
 def test_held_refusals_are_bounded(holding: Any) -> None:
     """At most `max_held_denials` refusals wait at once: the others are answered at once (memory
-    stays bounded however many calls a flooder opens), every one audited."""
+    stays bounded however many calls a flooder opens), every one audited, and counted in
+    aigis_denial_hold_overflow_total."""
     forged = _forged(holding, FLOODER)
     before = len(holding.audit_records())
+    overflow_before = sample(scrape(holding), "aigis_denial_hold_overflow_total")
     calls = 2 * MAX_HELD
     with channel(holding, FLOODER) as ch, ThreadPoolExecutor(calls) as pool:
         results = list(pool.map(lambda _: _timed(lambda: RPC_KINDS["unary"](ch, forged)), range(calls)))
@@ -154,3 +157,6 @@ def test_held_refusals_are_bounded(holding: Any) -> None:
     assert sorted(rid for r in records for rid in request_ids(r)) == sorted(o.request_id for o, _ in results)
     assert sum(r.get("count", 1) for r in records) == calls
     assert {r["reason"] for r in records} == {"too_many_denials"}
+    metrics = scrape(holding)
+    assert sample(metrics, "aigis_denial_hold_overflow_total") == overflow_before + calls - MAX_HELD
+    assert sample(metrics, "aigis_denials_held") == 0

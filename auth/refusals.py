@@ -13,6 +13,7 @@ refusal a client saw is in the log under its own request id. At most `max_ids` p
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +45,21 @@ class RefusalRecorder:
         self._writing: set[asyncio.Task[None]] = set()
 
     async def record_durably(self, record: dict[str, Any]) -> bool:
-        """Add one refusal (its audit `record`); True once the shared record holding its request id
-        is on disk, False if it could not be (the caller then answers UNAVAILABLE)."""
-        loop = asyncio.get_running_loop()
+        """Add one refusal given as its whole audit `record` (see `refuse`)."""
         key = (str(record.get("principal")), str(record.get("rpc_method")), str(record.get("peer")))
+        return await self.refuse(key, str(record["request_id"]), lambda: record)
+
+    async def refuse(self, key: tuple[str, str, str], request_id: str,
+                     make_record: Callable[[], dict[str, Any]]) -> bool:
+        """Add one refusal of (principal, method, peer) `key`; True once the shared record holding its
+        request id is on disk, False if it could not be (the caller then answers UNAVAILABLE).
+        `make_record` is called only for the first refusal of a record: the others add an id."""
+        loop = asyncio.get_running_loop()
         burst = self._open.get(key)
         if burst is None:
-            burst = self._open[key] = _Burst(record)
+            burst = self._open[key] = _Burst(make_record())
             burst.timer = loop.call_later(self._window, self._close, key)
-        burst.ids.append(record["request_id"])
+        burst.ids.append(request_id)
         waiter: asyncio.Future[bool] = loop.create_future()
         burst.waiters.append(waiter)
         if len(burst.ids) >= self._max_ids:

@@ -161,7 +161,7 @@ class Enforcer:
         """An allowed streaming call takes one of its principal's stream slots; the returned callable
         gives it back when the call ends. Over the cap: audited denial `stream_limit`, and None."""
         if self._streams is None or verdict.identity is None:
-            return _nothing_to_release
+            return release_nothing
         release = self._streams.acquire(verdict.identity.principal)
         if release is not None:
             return release
@@ -242,8 +242,8 @@ class Enforcer:
         context.set_trailing_metadata(trailing)
 
 
-def _nothing_to_release() -> None:
-    """The release of a call that took no stream slot."""
+def release_nothing() -> None:
+    """The release of a call that took no stream slot (what `hold_stream` returns when no cap applies)."""
 
 
 def audit_record(method: str, context: aio.ServicerContext, verdict: Verdict, request_id: str,

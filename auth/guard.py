@@ -130,11 +130,6 @@ class Guard:
     def revocations(self, revocations: RevocationList) -> None:
         self._revocations = revocations
 
-    async def check(self, method: str, context: Any, model: CallModel = None) -> Verdict:
-        """The whole pipeline for one call; `model` is the model it names (None: it names none)."""
-        now = self.check_now(method, context, model)
-        return now if isinstance(now, Verdict) else await self.complete(now, method, model)
-
     def check_now(self, method: str, context: Any, model: CallModel = None) -> Verdict | TokenToVerify:
         """The pipeline up to where it would wait: the Verdict, or what `complete` needs when a token
         must be verified first (one not seen before: a signature check, maybe a key fetch).

@@ -44,11 +44,6 @@ class RefusalRecorder:
         self._open: dict[tuple[str, str, str], _Burst] = {}
         self._writing: set[asyncio.Task[None]] = set()
 
-    async def record_durably(self, record: dict[str, Any]) -> bool:
-        """Add one refusal given as its whole audit `record` (see `refuse`)."""
-        key = (str(record.get("principal")), str(record.get("rpc_method")), str(record.get("peer")))
-        return await self.refuse(key, str(record["request_id"]), lambda: record)
-
     async def refuse(self, key: tuple[str, str, str], request_id: str,
                      make_record: Callable[[], dict[str, Any]]) -> bool:
         """Add one refusal of (principal, method, peer) `key`; True once the shared record holding its

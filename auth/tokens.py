@@ -470,8 +470,8 @@ class TokenVerifier:
     async def verify(self, token: str) -> VerifiedToken:
         """The verified claims of `token`, or TokenError. Cache hit: one dict lookup and a clock read."""
         try:  # zero-cost in 3.11; keeps even a bad argument or clock failure closed
-            hit = self._cache.get(token)
-            if hit is not None and self._clock() < hit.expires_at:
+            hit = self.cached(token)
+            if hit is not None:
                 return hit
             refused = self._refused.get(token)
             if refused is not None and self._clock() < refused[1]:

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import grpc
 from grpc import aio
 
-from aigis.auth.enforcer import REQUEST_ID_KEY, Enforcer, new_request_id
+from aigis.auth.enforcer import REQUEST_ID_KEY, Enforcer, new_request_id, release_nothing
 from aigis.auth.guard import Verdict
 from aigis.auth.policy import ANY_MODEL, CallModel, ModelRef
 from aigis.server.errors import InvalidArgument, ResourceExhausted, ServiceError
@@ -186,14 +186,11 @@ class SecurityInterceptor(aio.ServerInterceptor):
             # is only after the open was checked.
             behavior = _decode_request_stream(behavior, decode)
 
-        admit = functools.partial(self._admit, method, decode=decode, model_of=model_of,
-                                  request_streaming=request_streaming)
-
         if inspect.isasyncgenfunction(behavior):
 
             async def checked_stream(raw: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                admitted = await admit(context, started, raw, streaming=True)
+                admitted = await self._admit(method, context, started, raw, decode, model_of, request_streaming, True)
                 if admitted is None:  # denied: the status is set
                     return
                 request, release = admitted
@@ -223,7 +220,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(raw: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            admitted = await admit(context, started, raw, streaming=request_streaming)
+            admitted = await self._admit(method, context, started, raw, decode, model_of, request_streaming,
+                                   request_streaming)
             if admitted is None:  # denied: the status is set, no response
                 return None
             request, release = admitted
@@ -267,49 +265,38 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         return unary_checked
 
-    async def _admit(self, method: str, context: aio.ServicerContext, started: float, raw: Any, *,
-                     decode: Callable[[bytes], Any] | None, model_of: ModelOf | None,
-                     request_streaming: bool, streaming: bool) -> tuple[Any, Callable[[], None]] | None:
+    async def _admit(self, method: str, context: aio.ServicerContext, started: float, raw: Any,
+                     decode: Callable[[bytes], Any] | None, model_of: ModelOf | None, request_streaming: bool,
+                     streaming: bool) -> tuple[Any, Callable[[], None]] | None:
         """Check the call, then decode a unary request body (only an allowed caller's; for a method
         whose request names a model, a caller allowed it for some model, whose named model the
         policy then judges); a stream takes one of its principal's slots. Returns the request and the
         slot's release, or None when the call is denied (its status set, its code and duration
         counted)."""
         enforcer = self._enforcer
-        model: CallModel = None
-        verdict: Verdict | None
-        if request_streaming or model_of is None:
-            model = ANY_MODEL if model_of is not None else None
-            verdict = await enforcer.enforce(method, context, model, request_streaming=request_streaming)
-            if verdict is None:
-                self._count(method, context, started)
-                return None
-            request = raw
-            if decode is not None and not request_streaming:
-                try:
-                    request = _decode_body(decode, raw)
-                except Exception:
-                    await self._undecodable(method, context, decode, started)
-        else:
-            # The model is in the body: may this caller use the method with any model? Only
-            # then decode, and judge the model named (audited once, with that model).
-            opened = await enforcer.enforce(method, context, ANY_MODEL, provisional=True)
-            if opened is None:
-                self._count(method, context, started)
-                return None
-            request = raw
-            if decode is not None:
-                try:
-                    request = _decode_body(decode, raw)
-                except Exception:
-                    await self._undecodable(method, context, decode, started)
-            model = model_of(request)
-            verdict = await enforcer.enforce_model(method, context, opened, model)
+        # The model is in a unary body: may this caller use the method with any model? Only then
+        # decode, and judge the model named (audited once, with that model).
+        body_model = None if request_streaming else model_of
+        model: CallModel = ANY_MODEL if model_of is not None else None
+        verdict = await enforcer.enforce(method, context, model, request_streaming=request_streaming,
+                                         provisional=body_model is not None)
+        if verdict is None:
+            self._count(method, context, started)
+            return None
+        request = raw
+        if decode is not None and not request_streaming:
+            try:
+                request = _decode_body(decode, raw)
+            except Exception:
+                await self._undecodable(method, context, decode, started)
+        if body_model is not None:
+            model = body_model(request)
+            verdict = await enforcer.enforce_model(method, context, verdict, model)
             if verdict is None:
                 self._count(method, context, started)
                 return None
         if not streaming:
-            return request, _nothing_to_release
+            return request, release_nothing
         _OPEN_VERDICT.set(verdict)
         release = await enforcer.hold_stream(method, context, verdict, model, request_streaming=request_streaming)
         if release is None:
@@ -342,10 +329,6 @@ class SecurityInterceptor(aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.done(method, code.name, perf_counter() - started)
         await context.abort(code, message, trailing_metadata=((REQUEST_ID_KEY, request_id),))
-
-
-def _nothing_to_release() -> None:
-    """The release of a call that took no stream slot."""
 
 
 def _decode_body(decode: Callable[[bytes], Any], raw: bytes) -> Any:

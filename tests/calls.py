@@ -167,3 +167,19 @@ def served_serial(port: int, ca: Path, cert: Path, key: Path) -> int:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def scrape(stack: Any) -> str:
+    """The server's /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample line, 0 if absent."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0

@@ -16,11 +16,10 @@ from typing import Any
 
 import grpc
 import pytest
-from calls import RPC_KINDS, assert_denied, bearer, channel, issuer_token, run, wait_until
+from calls import RPC_KINDS, assert_denied, bearer, channel, issuer_token, run, sample, scrape, wait_until
 from forge import factory, real_key, valid_claims
 from jwt_factory import generate_key
 from private_stack import private_stack
-from test_metrics import sample, scrape
 
 from aigis.auth.audit_format import request_ids
 from aigis.server.config import Limits

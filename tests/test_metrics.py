@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import urllib.request
 from typing import Any
 
-from calls import RPC_KINDS, bearer, channel, issuer_token, run
-
-
-def scrape(stack: Any) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample line, 0 if absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
+from calls import RPC_KINDS, bearer, channel, issuer_token, run, sample, scrape
 
 
 def test_metrics_count_calls_denials_and_latency(start_stack: Any) -> None:

@@ -28,9 +28,15 @@ def refusal(request_id: str, *, method: str = "/aigis.calculator.v1.Calculator/A
             "client_id": None, "sub": None, "policy_name": "", "matched_rule": ""}
 
 
+def _refuse(recorder: RefusalRecorder, record: dict[str, Any]) -> Any:
+    """Hand `record` to the recorder as the enforcer does: its key, its id, the record itself."""
+    key = (record["principal"], record["rpc_method"], record["peer"])
+    return recorder.refuse(key, record["request_id"], lambda: record)
+
+
 async def _refuse_all(audit: AuditLog, entries: list[dict[str, Any]], **options: Any) -> list[bool]:
     recorder = RefusalRecorder(audit, **options)
-    return list(await asyncio.gather(*(recorder.record_durably(e) for e in entries)))
+    return list(await asyncio.gather(*(_refuse(recorder, e) for e in entries)))
 
 
 @pytest.fixture
@@ -66,8 +72,8 @@ def test_refusals_apart_in_time_are_separate_records(audit: AuditLog) -> None:
 
     async def two_bursts() -> None:
         recorder = RefusalRecorder(audit, window=0.02)
-        assert await recorder.record_durably(refusal("first"))
-        assert await recorder.record_durably(refusal("second"))
+        assert await _refuse(recorder, refusal("first"))
+        assert await _refuse(recorder, refusal("second"))
 
     asyncio.run(two_bursts())
     assert [request_ids(r) for r in read_records(audit.path)] == [["first"], ["second"]]
@@ -79,7 +85,7 @@ def test_a_cancelled_refusal_does_not_disturb_the_others(audit: AuditLog) -> Non
 
     async def one_cancelled() -> list[bool]:
         recorder = RefusalRecorder(audit, window=0.05)
-        tasks = [asyncio.create_task(recorder.record_durably(refusal(f"r{i}"))) for i in range(3)]
+        tasks = [asyncio.create_task(_refuse(recorder, refusal(f"r{i}"))) for i in range(3)]
         await asyncio.sleep(0)
         tasks[1].cancel()
         done = await asyncio.gather(*tasks, return_exceptions=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -24,7 +24,7 @@ from grpc import aio
 from aigis.auth.audit import AuditLog, rfc3339_now
 from aigis.auth.decision import CLIENT_MESSAGES, Decision, Reason
 from aigis.auth.denial_hold import DenialHold
-from aigis.auth.guard import Guard, Verdict
+from aigis.auth.guard import Guard, TokenToVerify, Verdict
 from aigis.auth.policy import ANY_MODEL, AuditCondition, CallModel, ModelRef
 from aigis.auth.refusals import RefusalRecorder
 from aigis.auth.streams import StreamSlots
@@ -62,7 +62,7 @@ os.register_at_fork(after_in_child=_new_id_source)  # forked workers must not re
 
 # The allowed caller of the call being served (set by `enforce`, in the call's own task): lets a
 # servicer ask what else this caller may use (ListModels shows only those models).
-_CALLER: ContextVar[tuple[Verdict, aio.ServicerContext] | None] = ContextVar("aigis_caller", default=None)
+_CALLER: ContextVar[tuple[Verdict, Sequence[Any]] | None] = ContextVar("aigis_caller", default=None)
 
 
 class Enforcer:
@@ -90,10 +90,31 @@ class Enforcer:
         self._on_shadow = on_shadow
         self._trace_id = trace_id
 
-    async def enforce(self, method: str, context: aio.ServicerContext, model: CallModel = None, *,
-                      request_streaming: bool = False, provisional: bool = False) -> Verdict | None:
+    def enforce_now(self, method: str, context: aio.ServicerContext, metadata: Sequence[Any],
+                    model: CallModel = None, *, request_streaming: bool = False,
+                    provisional: bool = False) -> Verdict | Awaitable[Verdict | None]:
+        """`enforce` without a coroutine for the common call: the Verdict itself when the call may
+        proceed at once (a known certificate and token, allowed, nothing to record); otherwise an
+        awaitable of what `enforce` returns. Every RPC passes here, and each coroutine layer on
+        that path is CPU per call."""
+        try:
+            checked = self._guard.check_now(method, context, metadata, model)
+        except Exception:
+            return self._check_failed(method, context, model, request_streaming)
+        if isinstance(checked, TokenToVerify):
+            return self._verified(checked, method, context, metadata, model, request_streaming, provisional)
+        if checked.decision.allowed and checked.shadow is None and not self._audit_allows():
+            if not provisional:
+                _CALLER.set((checked, metadata))
+            return checked
+        return self._after_check(checked, method, context, metadata, model, request_streaming, provisional)
+
+    async def enforce(self, method: str, context: aio.ServicerContext, metadata: Sequence[Any],
+                      model: CallModel = None, *, request_streaming: bool = False,
+                      provisional: bool = False) -> Verdict | None:
         """The verdict when the call may proceed; None when it is denied: then it is audited and its
         status, details and trailing metadata are set, and the caller returns at once (no response).
+        `metadata`: the call's invocation metadata (the server has it from the method lookup).
 
         `model` is the model the call names (None: it names none; ANY_MODEL: a stream whose
         messages name it, each then judged by `enforce_model`). `request_streaming`: the denial is
@@ -101,53 +122,69 @@ class Enforcer:
         ANY_MODEL): a unary request that names its model in a body not yet decoded — an
         authenticated caller's verdict (allowed, or refused by the policy) is not settled here but
         handed to `enforce_model` once the body is decoded (decode after the check)."""
+        now = self.enforce_now(method, context, metadata, model, request_streaming=request_streaming,
+                               provisional=provisional)
+        return now if isinstance(now, Verdict) else await now
+
+    async def _check_failed(self, method: str, context: aio.ServicerContext, model: CallModel,
+                            request_streaming: bool) -> None:
+        """Fail closed: a bug or an unexpected input in a check is a denial, never a pass."""
+        request_id = new_request_id()
+        log.exception("check failed for %s (request %s); denying", method, request_id)
+        await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model,
+                         announce=request_streaming)
+
+    async def _verified(self, pending: TokenToVerify, method: str, context: aio.ServicerContext,
+                        metadata: Sequence[Any], model: CallModel, request_streaming: bool,
+                        provisional: bool) -> Verdict | None:
+        """The rest of the checks once a token not seen before is verified."""
         try:
-            checked = self._guard.check_now(method, context, model)
-            verdict = checked if isinstance(checked, Verdict) else await self._guard.complete(checked, method, model)
+            verdict = await self._guard.complete(pending, method, model)
         except Exception:
-            # Fail closed: a bug or an unexpected input in a check is a denial, never a pass.
-            request_id = new_request_id()
-            log.exception("check failed for %s (request %s); denying", method, request_id)
-            verdict = Verdict(Decision.deny(Reason.CHECK_ERROR))
-            await self._deny(method, context, verdict, request_id, model, announce=request_streaming)
+            await self._check_failed(method, context, model, request_streaming)
             return None
-        decision = verdict.decision
-        if decision.allowed and verdict.shadow is None and not self._audit_allows():
-            # The common case, kept short: nothing to record, nothing to deny.
+        if verdict.decision.allowed and verdict.shadow is None and not self._audit_allows():
             if not provisional:
-                _CALLER.set((verdict, context))
+                _CALLER.set((verdict, metadata))
             return verdict
+        return await self._after_check(verdict, method, context, metadata, model, request_streaming, provisional)
+
+    async def _after_check(self, verdict: Verdict, method: str, context: aio.ServicerContext,
+                           metadata: Sequence[Any], model: CallModel, request_streaming: bool,
+                           provisional: bool) -> Verdict | None:
+        """A verdict with something to do: deny, record, dry-run, or hand a provisional one on."""
+        decision = verdict.decision
         if provisional and (decision.allowed or decision.status is grpc.StatusCode.PERMISSION_DENIED):
             # The caller is authenticated: its body may be decoded, and `enforce_model` decides (and
             # audits, with the model the body names). An unauthenticated caller is denied here, its
             # body unread (audited with model "*").
             return verdict
-        return await self._settle(method, context, verdict, model, announce=request_streaming)
+        return await self._settle(method, context, metadata, verdict, model, announce=request_streaming)
 
-    async def enforce_model(self, method: str, context: aio.ServicerContext, verdict: Verdict,
-                            model: ModelRef, *, abort: bool = False) -> Verdict | None:
+    async def enforce_model(self, method: str, context: aio.ServicerContext, metadata: Sequence[Any],
+                            verdict: Verdict, model: ModelRef, *, abort: bool = False) -> Verdict | None:
         """One more message of an allowed stream (or the decoded body of a provisional unary call),
         naming `model`: the policy again (identity and token were checked at the open). Denied:
         audited, and None — or, with `abort` (inside a running servicer), the call ends with the
         denial (raises)."""
         try:
-            checked = self._guard.authorize(method, verdict, context.invocation_metadata() or (), model)
+            checked = self._guard.authorize(method, verdict, metadata, model)
         except Exception:
             request_id = new_request_id()
             log.exception("check failed for %s (request %s); denying", method, request_id)
             await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model,
                              abort=abort)
             return None
-        return await self._settle(method, context, checked, model, abort=abort)
+        return await self._settle(method, context, metadata, checked, model, abort=abort)
 
-    async def _settle(self, method: str, context: aio.ServicerContext, verdict: Verdict, model: CallModel, *,
-                      announce: bool = False, abort: bool = False) -> Verdict | None:
+    async def _settle(self, method: str, context: aio.ServicerContext, metadata: Sequence[Any], verdict: Verdict,
+                      model: CallModel, *, announce: bool = False, abort: bool = False) -> Verdict | None:
         # A dry-run record and the enforced record of the same call share one request id.
         shared_id = self._dry_run(method, context, verdict, model) if verdict.shadow is not None else None
         if verdict.decision.allowed:
             if self._audit is not None and self._audit_allows():
                 self._audit.record(self._record(method, context, verdict, shared_id or new_request_id(), model))
-            _CALLER.set((verdict, context))
+            _CALLER.set((verdict, metadata))
             return verdict
         await self._deny(method, context, verdict, shared_id or new_request_id(), model, announce=announce,
                          abort=abort)
@@ -176,9 +213,9 @@ class Enforcer:
         caller = _CALLER.get()
         if caller is None:
             return False
-        verdict, context = caller
+        verdict, metadata = caller
         try:
-            return self._guard.authorize(method, verdict, context.invocation_metadata() or (), model).decision.allowed
+            return self._guard.authorize(method, verdict, metadata, model).decision.allowed
         except Exception:
             log.exception("may_use check failed for %s; treating as not allowed", method)
             return False
@@ -283,5 +320,7 @@ def dry_run_record(method: str, context: aio.ServicerContext, verdict: Verdict, 
     return record
 
 
-_AUDIT_DENIALS = frozenset({AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW})
-_AUDIT_ALLOWS = frozenset({AuditCondition.ON_ALLOW, AuditCondition.ON_DENY_AND_ALLOW})
+# Tuples, not sets: `in` then compares by identity in C, where a set would call Enum's Python-level
+# __hash__ on every call.
+_AUDIT_DENIALS = (AuditCondition.ON_DENY, AuditCondition.ON_DENY_AND_ALLOW)
+_AUDIT_ALLOWS = (AuditCondition.ON_ALLOW, AuditCondition.ON_DENY_AND_ALLOW)

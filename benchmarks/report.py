@@ -50,8 +50,10 @@ def scenario_result(scenario: dict[str, Any], rounds: list[dict[str, Any]]) -> d
         return result
     by_kind = {k: medians([r[k] for r in rounds]) for k in KINDS}
     ratios = {key: ratio(by_kind["aigis"][key], by_kind["baseline"][key]) for key in FIGURES[:4]}
+    metric = scenario["metric"]
     result.update(median=by_kind, ratio=ratios,
-                  spread={k: spread([r[k][scenario["metric"]] for r in rounds]) for k in KINDS})
+                  spread={k: spread([r[k][metric] for r in rounds]) for k in KINDS},
+                  round_ratios=[ratio(r["aigis"].get(metric), r["baseline"].get(metric)) for r in rounds])
     return result
 
 
@@ -113,6 +115,9 @@ def render_table(results: dict[str, Any]) -> str:
             med["aigis"]["server_cpu_us_per_req"])
         for kind in KINDS:
             details.append(_detail(name, kind, med[kind], sc["spread"][kind]))
+        if sc.get("round_ratios"):
+            details.append(f"{name:<34} aigis / baseline by round (baseline first in rounds 1, 3, ...): "
+                           + " ".join(fmt(r, 2) for r in sc["round_ratios"]))
     for lim in results.get("limits", []):
         if lim.get("status") != "ok":
             continue

@@ -214,6 +214,18 @@ class Metrics:
         self._requests.inc((method, code))
         self._latency.observe((method,), seconds)
 
+    def ok_recorder(self, method: str) -> Callable[[float], None]:
+        """`done(method, "OK", seconds)` for one method, with its label tuples built once: what the
+        secured wrapper calls after every successful call (same thread rule as `done`)."""
+        requests, latency = self._requests, self._latency
+        ok_labels, method_labels = (method, "OK"), (method,)
+
+        def ok(seconds: float) -> None:
+            requests.inc(ok_labels)
+            latency.observe(method_labels, seconds)
+
+        return ok
+
     def inference(self, model: str, version: str, seconds: float) -> None:
         """One inference of `model`/`version` (labels only take configured model names, never input).
         Locked: the servicers call it on the loop today, but a model may report from its threads."""

@@ -15,10 +15,11 @@ failed call carries trailing metadata `aigis-request-id`; the client learns noth
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from time import perf_counter
 from typing import Any, NoReturn
@@ -39,8 +40,14 @@ _INTERNAL_MESSAGE = "internal error"
 #: The metrics label of every path no service serves (their names are the caller's invention).
 UNKNOWN_METHOD = "<unknown>"
 
-# The verdict of the call's open, handed to its per-message checks (same task, set just before).
-_OPEN_VERDICT: ContextVar[Verdict] = ContextVar("aigis_open_verdict")
+# The verdict of the call's open and its metadata, handed to its per-message checks (same task, set
+# just before).
+_OPENED: ContextVar[tuple[Verdict, Sequence[Any]]] = ContextVar("aigis_opened")
+# The task that looked the call's method up and the metadata it was given (see `_lookup_metadata`).
+_LOOKUP: ContextVar[tuple[asyncio.Task[Any] | None, Sequence[Any]] | None] = ContextVar("aigis_lookup", default=None)
+
+#: An admitted call's request (decoded, for a unary request) and the release of its stream slot.
+Admitted = tuple[Any, Callable[[], None]]
 
 #: The model a request message names, resolved (empty name: the default model; empty version: the
 #: newest). Must not raise: it only reads fields and looks names up.
@@ -52,19 +59,29 @@ class SecuredRegistrar:
 
     Generated `add_*Servicer_to_server(servicer, registrar)` functions call exactly these two
     methods, so a service registered through the registrar cannot reach the server unwrapped.
+
+    Methods are served through one generic handler (`_SecuredMethods`), not registered with grpc:
+    grpc.aio's server loop keeps one pending request per registered method and `asyncio.wait`s on
+    all of them for every call (grpcio 1.85), so each registered method adds work to every call;
+    and the lookup hands the call's metadata, which grpc builds for it anyway, to the checks.
     """
 
     def __init__(self, server: aio.Server, security: SecurityInterceptor) -> None:
         self._server = server
         self._security = security
         self.methods: list[str] = []  # every fully-qualified method registered, for logs
+        self._routes = _SecuredMethods()
+        server.add_generic_rpc_handlers((self._routes,))  # first: consulted before any other
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        secured = {name: self._security.wrap_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self.methods += [f"/{service}/{name}" for name in handlers]
-        self._server.add_registered_method_handlers(service, secured)
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._routes.handlers[method] = self._security.wrap_handler(method, handler)
+            self.methods.append(method)
 
     def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        """Generated code registers each service both ways; `_SecuredMethods` answers for the
+        registered methods first, so these serve only services that register generically."""
         secured = tuple(_SecuredGenericHandler(g, self._security) for g in generic_handlers)
         self._server.add_generic_rpc_handlers(secured)
 
@@ -72,6 +89,30 @@ class SecuredRegistrar:
         """Register after every service: grpc consults generic handlers in order, after the
         registered methods, so this one sees exactly the paths nothing else serves."""
         self._server.add_generic_rpc_handlers((_UnknownMethods(self._security),))
+
+
+class _SecuredMethods(grpc.GenericRpcHandler):
+    """The secured handlers by full method path; the lookup also passes the call's metadata on."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self.handlers.get(handler_call_details.method)
+        if handler is not None:
+            _LOOKUP.set((asyncio.current_task(), handler_call_details.invocation_metadata))
+        return handler
+
+
+def _lookup_metadata(context: aio.ServicerContext) -> Sequence[Any]:
+    """The call's invocation metadata: what its method lookup saw (grpc builds it for the lookup;
+    `context.invocation_metadata()` builds it again, ~2 µs), else from the context. The lookup
+    runs in the call's own task just before the handler; the task check makes sure that what is
+    read is this call's, whatever grpc does with tasks."""
+    lookup = _LOOKUP.get()
+    if lookup is not None and lookup[0] is asyncio.current_task():
+        return lookup[1]
+    return context.invocation_metadata() or ()
 
 
 class _UnknownMethods(grpc.GenericRpcHandler):
@@ -158,7 +199,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
         """An unknown `method`: the checks, then UNIMPLEMENTED. Metrics label it UNKNOWN_METHOD, so
         a client inventing paths cannot grow the metrics."""
         started = perf_counter()
-        if await self._enforcer.enforce(method, context, request_streaming=True) is None:
+        if await self._enforcer.enforce(method, context, _lookup_metadata(context), request_streaming=True) is None:
             self._count(UNKNOWN_METHOD, context, started)
             return
         if self._metrics is not None:
@@ -176,7 +217,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
         decode: Callable[[bytes], Any] | None = None,
     ) -> Callable[..., Any]:
         fail = self._fail
-        metrics = self._metrics
+        ok = self._metrics.ok_recorder(method) if self._metrics is not None else None
         model_of = self._models.get(method)
         if request_streaming:
             behavior = _cap_request_stream(behavior, self._max_stream_messages)
@@ -190,7 +231,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
             async def checked_stream(raw: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = perf_counter()
-                admitted = await self._admit(method, context, started, raw, decode, model_of, request_streaming, True)
+                now = self._admit_now(method, decode, model_of, request_streaming, True, context, started, raw)
+                admitted = now if isinstance(now, tuple) else await now
                 if admitted is None:  # denied: the status is set
                     return
                 request, release = admitted
@@ -203,8 +245,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
                     await fail(method, context, exc, started)
                 finally:
                     release()
-                if metrics is not None:
-                    metrics.done(method, "OK", perf_counter() - started)
+                if ok is not None:
+                    ok(perf_counter() - started)
 
             return checked_stream
 
@@ -220,8 +262,9 @@ class SecurityInterceptor(aio.ServerInterceptor):
 
         async def checked(raw: Any, context: aio.ServicerContext) -> Any:
             started = perf_counter()
-            admitted = await self._admit(method, context, started, raw, decode, model_of, request_streaming,
-                                   request_streaming)
+            now = self._admit_now(method, decode, model_of, request_streaming, request_streaming, context,
+                                  started, raw)
+            admitted = now if isinstance(now, tuple) else await now
             if admitted is None:  # denied: the status is set, no response
                 return None
             request, release = admitted
@@ -233,8 +276,8 @@ class SecurityInterceptor(aio.ServerInterceptor):
                 await fail(method, context, exc, started)
             finally:
                 release()
-            if metrics is not None:
-                metrics.done(method, "OK", perf_counter() - started)
+            if ok is not None:
+                ok(perf_counter() - started)
             return response
 
         return checked
@@ -245,41 +288,58 @@ class SecurityInterceptor(aio.ServerInterceptor):
         enforcer = self._enforcer
 
         async def checked_messages(request_iterator: AsyncIterator[Any], context: aio.ServicerContext,
-                                   verdict: Verdict) -> AsyncIterator[Any]:
+                                   opened: tuple[Verdict, Sequence[Any]]) -> AsyncIterator[Any]:
+            verdict, metadata = opened
             async for message in request_iterator:
-                await enforcer.enforce_model(method, context, verdict, model_of(message), abort=True)
+                await enforcer.enforce_model(method, context, metadata, verdict, model_of(message), abort=True)
                 yield message
 
         if inspect.isasyncgenfunction(behavior):
 
             async def stream_checked(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                verdict = _OPEN_VERDICT.get()
-                async for response in behavior(checked_messages(request_iterator, context, verdict), context):
+                async for response in behavior(checked_messages(request_iterator, context, _OPENED.get()), context):
                     yield response
 
             return stream_checked
 
         async def unary_checked(request_iterator: Any, context: aio.ServicerContext) -> Any:
-            verdict = _OPEN_VERDICT.get()
-            return await behavior(checked_messages(request_iterator, context, verdict), context)
+            return await behavior(checked_messages(request_iterator, context, _OPENED.get()), context)
 
         return unary_checked
 
-    async def _admit(self, method: str, context: aio.ServicerContext, started: float, raw: Any,
-                     decode: Callable[[bytes], Any] | None, model_of: ModelOf | None, request_streaming: bool,
-                     streaming: bool) -> tuple[Any, Callable[[], None]] | None:
+    def _admit_now(self, method: str, decode: Callable[[bytes], Any] | None, model_of: ModelOf | None,
+                   request_streaming: bool, streaming: bool, context: aio.ServicerContext, started: float,
+                   raw: Any) -> Admitted | Awaitable[Admitted | None]:
         """Check the call, then decode a unary request body (only an allowed caller's; for a method
         whose request names a model, a caller allowed it for some model, whose named model the
         policy then judges); a stream takes one of its principal's slots. Returns the request and the
-        slot's release, or None when the call is denied (its status set, its code and duration
-        counted)."""
-        enforcer = self._enforcer
+        slot's release — at once for the common call (a unary request from a caller known and
+        allowed), else as an awaitable, which gives None when the call is denied (its status set,
+        its code and duration counted)."""
+        metadata = _lookup_metadata(context)
         # The model is in a unary body: may this caller use the method with any model? Only then
         # decode, and judge the model named (audited once, with that model).
         body_model = None if request_streaming else model_of
         model: CallModel = ANY_MODEL if model_of is not None else None
-        verdict = await enforcer.enforce(method, context, model, request_streaming=request_streaming,
-                                         provisional=body_model is not None)
+        first = self._enforcer.enforce_now(method, context, metadata, model, request_streaming=request_streaming,
+                                           provisional=body_model is not None)
+        if isinstance(first, Verdict) and body_model is None and not streaming:
+            if decode is None or request_streaming:
+                return raw, release_nothing
+            try:
+                return _decode_body(decode, raw), release_nothing
+            except Exception:
+                return self._undecodable(method, context, decode, started)
+        return self._admit(first, method, decode, body_model, model, metadata, request_streaming, streaming,
+                           context, started, raw)
+
+    async def _admit(self, first: Verdict | Awaitable[Verdict | None], method: str,
+                     decode: Callable[[bytes], Any] | None, body_model: ModelOf | None, model: CallModel,
+                     metadata: Sequence[Any], request_streaming: bool, streaming: bool,
+                     context: aio.ServicerContext, started: float, raw: Any) -> Admitted | None:
+        """`_admit_now` from the enforcer's first answer on, for everything but the common call."""
+        enforcer = self._enforcer
+        verdict = first if isinstance(first, Verdict) else await first
         if verdict is None:
             self._count(method, context, started)
             return None
@@ -291,13 +351,13 @@ class SecurityInterceptor(aio.ServerInterceptor):
                 await self._undecodable(method, context, decode, started)
         if body_model is not None:
             model = body_model(request)
-            verdict = await enforcer.enforce_model(method, context, verdict, model)
+            verdict = await enforcer.enforce_model(method, context, metadata, verdict, model)
             if verdict is None:
                 self._count(method, context, started)
                 return None
         if not streaming:
             return request, release_nothing
-        _OPEN_VERDICT.set(verdict)
+        _OPENED.set((verdict, metadata))
         release = await enforcer.hold_stream(method, context, verdict, model, request_streaming=request_streaming)
         if release is None:
             self._count(method, context, started)

@@ -70,6 +70,23 @@ def test_quick_report_has_machine_settings_and_every_scenario(quick_report: tupl
         assert set(scenario["median"]) == set(bench.KINDS)
 
 
+def test_a_scenario_reports_the_aigis_to_baseline_ratio_of_each_round() -> None:
+    """Beside the ratio of the medians, each round's own ratio (its two windows were adjacent), in the
+    JSON and in the details."""
+    def window(rps: float) -> dict[str, Any]:
+        return {key: rps if key == "rps" else 1.0 for key in report.FIGURES}
+
+    scenario = {"name": "add-64", "family": "add", "metric": "rps"}
+    rounds = [{"baseline": window(100), "aigis": window(90)}, {"baseline": window(200), "aigis": window(190)},
+              {"baseline": window(150), "aigis": window(120)}]
+    result = report.scenario_result(scenario, rounds)
+    assert result["round_ratios"] == [0.9, 0.95, 0.8]
+    assert result["ratio"]["rps"] == 120 / 150
+    text = report.render_table({"settings": {"rounds": 3, "seconds": 4}, "machine": {"nproc": 2, "load_before": [0.1]},
+                                "scenarios": [result]})
+    assert "aigis / baseline by round (baseline first in rounds 1, 3, ...): 0.90 0.95 0.80" in text
+
+
 def test_quick_report_windows_carry_every_figure_and_no_failed_valid_call(
     quick_report: tuple[dict[str, Any], str],
 ) -> None:

@@ -55,6 +55,20 @@ def test_exposition_is_identical_to_prometheus_client_metrics() -> None:
         assert ours == _per_call_families(theirs) and "aigis_request_duration_seconds_bucket" in ours
 
 
+def test_an_ok_recorder_counts_exactly_what_done_counts() -> None:
+    """The wrapper's per-method recorder is `done(method, "OK", seconds)`: identical expositions, and
+    no series before the first call (like `done`)."""
+    with_done, with_recorder = Metrics(), Metrics()
+    ok = with_recorder.ok_recorder("/a.v1.S/B")
+    assert "/a.v1.S/B" not in generate_latest(with_recorder.registry).decode()
+    for seconds in DURATIONS:
+        with_done.done("/a.v1.S/B", "OK", seconds)
+        ok(seconds)
+    for generate in (generate_latest, generate_openmetrics):
+        ours = _per_call_families(generate(with_recorder.registry).decode())
+        assert ours == _per_call_families(generate(with_done.registry).decode()) and 'code="OK"' in ours
+
+
 def test_request_samples_have_exact_values() -> None:
     """Known durations land in the right buckets (a value on a bound counts in that bucket)."""
     metrics = Metrics()

@@ -337,13 +337,15 @@ class Suite:
     def model(self, name: str) -> ModelSetup:
         return next(m for m in self.models if m.name == name)
 
-    def run_round(self, scenario: Scenario) -> dict[str, Any]:
-        """One round of one scenario: the baseline's window(s), then aigis's."""
+    def run_round(self, scenario: Scenario, index: int = 0) -> dict[str, Any]:
+        """One round of one scenario: the baseline's window(s) and aigis's, the baseline first in even
+        rounds and aigis first in odd ones (A B B A …), so a machine that drifts during a run, or a
+        window that leaves work behind for the next, favours neither."""
         model = self.model(scenario.model) if scenario.model else self.models[0]
         pair = self.pair(model, scenario.variant)
         image = model.image if scenario.rpc == "classify" else None
         out: dict[str, Any] = {}
-        for kind in KINDS:
+        for kind in KINDS if index % 2 == 0 else KINDS[::-1]:
             server = pair.servers[kind]
             loads = self.valid_loads(scenario.rpc, scenario.in_flight, pair.token, image)
             if scenario.family == "flood":
@@ -447,7 +449,7 @@ def run_suite(settings: Settings, progress: Callable[[str], None]) -> dict[str, 
                         continue
                     progress(f"round {r + 1}/{settings.rounds}: {sc.name}")
                     try:
-                        rounds[sc.name].append(suite.run_round(sc))
+                        rounds[sc.name].append(suite.run_round(sc, r))
                     except BenchError as exc:
                         if sc.variant != "on":
                             raise

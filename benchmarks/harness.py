@@ -181,7 +181,7 @@ class ServerProc:
 
 
 def start_servers(
-    kinds: Sequence[str], models: Path, pki: PkiPaths, workdir: Path, tag: str, profile_out: Path | None = None,
+    kinds: Sequence[str], models: Path, pki: PkiPaths, workdir: Path, tag: str, timing_out: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[ServerProc]:
     """Start one server per kind in parallel; return them once each has written its ready file."""
@@ -191,8 +191,8 @@ def start_servers(
             ready = workdir / f"{tag}-{kind}.ready.json"
             args = ["--kind", kind, "--certs", str(pki.root), "--models", str(models),
                     "--audit-log", str(workdir / f"{tag}-{kind}-audit.jsonl"), "--ready-file", str(ready)]
-            if profile_out is not None:
-                args += ["--profile-out", str(profile_out)]
+            if timing_out is not None:
+                args += ["--time-security-out", str(timing_out)]
             args += list(extra_args)
             pending.append((kind, Child(f"{tag}-{kind}-server", "aigis.benchmarks.server", args, workdir, pipes=False),
                             ready))

@@ -295,6 +295,13 @@ def render_profile(result: dict[str, Any]) -> str:
              f"(all threads); raw stacks in {result['profile_file']}",
              f"security path (the secured wrapper and all it calls, servicer and request decode excluded): "
              f"{p.get('security_us_per_req', 0.0):.1f} us/call"]
+    timed = result.get("timed")
+    if timed is not None:
+        us = timed["us_per_call"]
+        lines.append(f"security path timed inside a fresh aigis server, no sampler ({timed['figures']['calls']} calls, "
+                     f"{fmt(timed['window']['rps'])} valid req/s): {us['security_path']:.1f} us/call = method lookup "
+                     f"{us['lookup']:.1f} + admission {us['admit']:.1f} - request decode {us['decode']:.1f} "
+                     f"+ metrics {us['metrics']:.1f}")
     for title, key in (("by cumulative time, aigis code (auth/, server/)", "ours_by_cumulative"),
                        ("by self time, aigis code", "ours_by_self"),
                        ("by cumulative time, everything", "by_cumulative"),

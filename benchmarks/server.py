@@ -3,9 +3,9 @@
 The baseline has the same servicers, model registry, inference executor, mTLS server
 credentials and transport options as aigis, and no interceptor, so the difference between the two
 is exactly what aigis adds per call. The bound port (port 0) is reported through an atomically
-written ready file, never guessed. SIGTERM stops the server; with `--profile-out`, SIGUSR1 starts
-cProfile on the event-loop thread (where the interceptor and servicers run) and SIGUSR2 stops it
-and writes the stats, so only the measurement window is profiled.
+written ready file, never guessed. SIGTERM stops the server; with `--time-security-out` (aigis only),
+the security path is timed from inside (aigis.benchmarks.spans): SIGUSR1 starts counting, SIGUSR2
+stops and writes the figures, so only the measurement window counts.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -31,6 +29,7 @@ from grpc import aio
 
 from aigis.auth.audit import Durability
 from aigis.auth.pki import PkiPaths
+from aigis.benchmarks.spans import SecurityPathTimer
 from aigis.calculator.v1 import calculator_pb2_grpc
 from aigis.classifier.v1 import classifier_pb2_grpc
 from aigis.inference import grpc_service_pb2_grpc
@@ -114,30 +113,10 @@ def write_ready(path: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class Profiler:
-    """cProfile switched on and off by signals; stats written when switched off."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self._profile: cProfile.Profile | None = None
-
-    def start(self) -> None:
-        if self._profile is None:
-            # CPU time of this (the event-loop) thread: other processes on a busy machine and the
-            # idle wait in epoll do not count, and grpc's own threads are not mixed in.
-            self._profile = cProfile.Profile(time.thread_time)
-            self._profile.enable()
-
-    def stop(self) -> None:
-        if self._profile is not None:
-            self._profile.disable()
-            tmp = self.out.with_name(self.out.name + ".tmp")
-            self._profile.dump_stats(str(tmp))
-            os.replace(tmp, self.out)  # the parent waits for the file: it must appear whole
-            self._profile = None
-
-
-async def run(kind: str, config: Config, ready_file: Path, profile_out: Path | None) -> int:
+async def run(kind: str, config: Config, ready_file: Path, timing_out: Path | None) -> int:
+    timer = SecurityPathTimer(timing_out) if timing_out is not None and kind == "aigis" else None
+    if timer is not None:
+        timer.install()  # before the services register: their metrics recorders are built then
     try:
         running = await (start_aigis(config) if kind == "aigis" else start_baseline(config))
     except (StartupError, OSError, RuntimeError, ValueError) as exc:
@@ -147,18 +126,17 @@ async def run(kind: str, config: Config, ready_file: Path, profile_out: Path | N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    profiler = Profiler(profile_out) if profile_out is not None else None
-    if profiler is not None:
-        loop.add_signal_handler(signal.SIGUSR1, profiler.start)
-        loop.add_signal_handler(signal.SIGUSR2, profiler.stop)
+    if timer is not None:
+        loop.add_signal_handler(signal.SIGUSR1, timer.start)
+        loop.add_signal_handler(signal.SIGUSR2, timer.stop)
     info = {"kind": kind, "pid": os.getpid(), "port": running.port,
             "issuer_url": running.issuer_url, "token_url": running.token_url}
     await asyncio.to_thread(write_ready, ready_file, info)
     try:
         await stop.wait()
     finally:
-        if profiler is not None:
-            profiler.stop()
+        if timer is not None:
+            timer.stop()
         with contextlib.suppress(Exception):
             await running.stop()
     return 0
@@ -171,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--audit-log", type=Path, required=True)
     parser.add_argument("--ready-file", type=Path, required=True)
-    parser.add_argument("--profile-out", type=Path)
+    parser.add_argument("--time-security-out", type=Path,
+                        help="aigis only: time the security path from inside; figures to this file")
     parser.add_argument("--audit-durability", choices=[d.value for d in Durability],
                         help="[audit] durability of the aigis server (default: aigis's default)")
     parser.add_argument("--denial-hold", type=float,
@@ -182,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = replace(config, audit_durability=Durability(args.audit_durability))
     if args.denial_hold is not None:
         config = replace(config, limits=replace(config.limits, denial_hold_seconds=args.denial_hold))
-    return asyncio.run(run(args.kind, config, args.ready_file, args.profile_out))
+    return asyncio.run(run(args.kind, config, args.ready_file, args.time_security_out))
 
 
 if __name__ == "__main__":

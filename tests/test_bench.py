@@ -153,6 +153,15 @@ def test_profile_run_reports_aigis_functions(tmp_path: Path) -> None:
     assert 0 < profile["profile"]["security_us_per_req"] < profile["profile"]["us_per_req"]
     assert "Top by cumulative time" in stdout.getvalue()
     assert "security path" in stdout.getvalue()
+    # Then timed from inside a fresh server: every admitted call counted, pieces that add up.
+    timed = profile["timed"]
+    assert timed["window"]["errors"] == {}
+    # The server counts from its signals, the clients by completion time: the edges differ a little.
+    assert timed["figures"]["calls"] == pytest.approx(timed["window"]["requests"], rel=0.1)
+    us = timed["us_per_call"]
+    assert 0 < us["decode"] < us["admit"] and us["lookup"] > 0 and us["metrics"] > 0
+    assert us["security_path"] == pytest.approx(us["lookup"] + us["admit"] - us["decode"] + us["metrics"])
+    assert "timed inside a fresh aigis server" in stdout.getvalue()
     assert harness._LIVE == set()
 
 

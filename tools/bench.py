@@ -53,7 +53,6 @@ from typing import Any
 
 from aigis.auth.clients import load_registry
 from aigis.auth.pki import PkiPaths
-from aigis.benchmarks import spans
 from aigis.benchmarks.harness import (
     KINDS,
     MAX_REQUESTS_PER_PROCESS,
@@ -593,6 +592,8 @@ def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], 
 def run_security_timing(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     """The security path timed from inside a fresh aigis server (aigis.benchmarks.spans) during one
     window of Add at the highest load, no sampler attached."""
+    from aigis.benchmarks import spans  # the server's modules: only with the server extra installed
+
     with tempfile.TemporaryDirectory(prefix="aigis-bench-timing-") as tmp:
         workdir = Path(tmp)
         suite = Suite(settings, workdir)

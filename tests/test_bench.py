@@ -87,6 +87,20 @@ def test_a_scenario_reports_the_aigis_to_baseline_ratio_of_each_round() -> None:
     assert "aigis / baseline by round (baseline first in rounds 1, 3, ...): 0.90 0.95 0.80" in text
 
 
+def test_denials_report_divides_each_rounds_denial_cpu_by_its_adjacent_add_window() -> None:
+    """`--denials`: CPU per denial ÷ CPU per Add per round (adjacent windows), their median, printed."""
+    def rnd(add_cpu: float, denial_cpu: float) -> dict[str, Any]:
+        return {"valid": {"server_cpu_us_per_req": add_cpu}, "flood": {"flood": {"server_cpu_us_per_call": denial_cpu}}}
+
+    windows = [rnd(400, 300), rnd(300, 330), rnd(500, 450)]
+    assert [bench._denial_per_add(w) for w in windows] == [0.75, 1.1, 0.9]
+    table = {"fsync": {"valid_rps": 1.0, "valid_cpu_us": 400.0, "denials_per_s": 1.0, "denial_cpu_us": 330.0,
+                       "denial_p50_ms": 1.0, "denial_p99_ms": 2.0, "valid_rps_flooded": 1.0,
+                       "denial_per_add": 0.9, "denial_per_add_by_round": [0.75, 1.1, 0.9]}}
+    text = bench.render_denials({"table": table})
+    assert "  fsync: 0.90  (rounds: 0.75 1.10 0.90)" in text
+
+
 def test_quick_report_windows_carry_every_figure_and_no_failed_valid_call(
     quick_report: tuple[dict[str, Any], str],
 ) -> None:

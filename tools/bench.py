@@ -679,12 +679,21 @@ def run_denials(settings: Settings, progress: Callable[[str], None]) -> dict[str
             "denial_p99_ms": med(lambda w: w["single"]["p99_ms"]),
             "valid_rps_flooded": med(lambda w: w["flooded"]["rps"]),
             "denials_per_s_beside_valid": med(lambda w: w["flooded"]["flood"]["rps"]),
+            # Each round's denial window beside its own Add window (adjacent, same server): the machine's
+            # drift between rounds and modes cancels out of these, not out of the medians above.
+            "denial_per_add": med(_denial_per_add),
+            "denial_per_add_by_round": [_denial_per_add(w) for w in windows],
         }
     return {"schema": SCHEMA_VERSION, "machine": machine_info(), "kind": "denials",
             "settings": {"rounds": settings.rounds, "seconds": settings.seconds,
                          "valid_in_flight": settings.flood_valid_in_flight,
                          "flood_in_flight": settings.flood_in_flight},
             "table": table, "windows": rows}
+
+
+def _denial_per_add(window: dict[str, Any]) -> float | None:
+    """Server CPU per denial ÷ per valid Add, in one round's two adjacent windows."""
+    return ratio(window["flood"]["flood"].get("server_cpu_us_per_call"), window["valid"].get("server_cpu_us_per_req"))
 
 
 def infer_tensor(model_dir: Path) -> dict[str, Any]:
@@ -817,6 +826,11 @@ def render_denials(result: dict[str, Any]) -> str:
              "|---|" + "---|" * len(columns)]
     for mode, row in result["table"].items():
         lines.append(f"| {mode} | " + " | ".join(fmt(row[key], digits) for key, _, digits in columns) + " |")
+    lines.append("")
+    lines.append("CPU per denial ÷ CPU per Add, each round's adjacent windows (median first):")
+    for mode, row in result["table"].items():
+        lines.append(f"  {mode}: {fmt(row['denial_per_add'], 2)}  (rounds: "
+                     + " ".join(fmt(r, 2) for r in row["denial_per_add_by_round"]) + ")")
     return "\n".join(lines)
 
 

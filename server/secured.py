@@ -19,6 +19,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from time import perf_counter
@@ -44,7 +45,8 @@ UNKNOWN_METHOD = "<unknown>"
 # just before).
 _OPENED: ContextVar[tuple[Verdict, Sequence[Any]]] = ContextVar("aigis_opened")
 # The task that looked the call's method up and the metadata it was given (see `_lookup_metadata`).
-_LOOKUP: ContextVar[tuple[asyncio.Task[Any] | None, Sequence[Any]] | None] = ContextVar("aigis_lookup", default=None)
+_LOOKUP: ContextVar[tuple[weakref.ref[asyncio.Task[Any]] | None, Sequence[Any]] | None] = ContextVar(
+    "aigis_lookup", default=None)
 
 #: An admitted call's request (decoded, for a unary request) and the release of its stream slot.
 Admitted = tuple[Any, Callable[[], None]]
@@ -100,7 +102,10 @@ class _SecuredMethods(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = self.handlers.get(handler_call_details.method)
         if handler is not None:
-            _LOOKUP.set((asyncio.current_task(), handler_call_details.invocation_metadata))
+            task = asyncio.current_task()
+            # A weak reference: the value lives in the task's own context, and a strong one would make
+            # every call's task a reference cycle, freed only by the garbage collector.
+            _LOOKUP.set((weakref.ref(task) if task is not None else None, handler_call_details.invocation_metadata))
         return handler
 
 
@@ -110,7 +115,7 @@ def _lookup_metadata(context: aio.ServicerContext) -> Sequence[Any]:
     runs in the call's own task just before the handler; the task check makes sure that what is
     read is this call's, whatever grpc does with tasks."""
     lookup = _LOOKUP.get()
-    if lookup is not None and lookup[0] is asyncio.current_task():
+    if lookup is not None and lookup[0] is not None and lookup[0]() is asyncio.current_task():
         return lookup[1]
     return context.invocation_metadata() or ()
 

@@ -103,11 +103,7 @@ class Enforcer:
             return self._check_failed(method, context, model, request_streaming)
         if isinstance(checked, TokenToVerify):
             return self._verified(checked, method, context, metadata, model, request_streaming, provisional)
-        if checked.decision.allowed and checked.shadow is None and not self._audit_allows():
-            if not provisional:
-                _CALLER.set((checked, metadata))
-            return checked
-        return self._after_check(checked, method, context, metadata, model, request_streaming, provisional)
+        return self._proceed(checked, method, context, metadata, model, request_streaming, provisional)
 
     async def enforce(self, method: str, context: aio.ServicerContext, metadata: Sequence[Any],
                       model: CallModel = None, *, request_streaming: bool = False,
@@ -143,23 +139,24 @@ class Enforcer:
         except Exception:
             await self._check_failed(method, context, model, request_streaming)
             return None
-        if verdict.decision.allowed and verdict.shadow is None and not self._audit_allows():
+        then = self._proceed(verdict, method, context, metadata, model, request_streaming, provisional)
+        return then if isinstance(then, Verdict) else await then
+
+    def _proceed(self, verdict: Verdict, method: str, context: aio.ServicerContext, metadata: Sequence[Any],
+                 model: CallModel, request_streaming: bool, provisional: bool) -> Verdict | Awaitable[Verdict | None]:
+        """After the checks: the Verdict when the call goes on at once (allowed with nothing to record,
+        or a provisional one handed on); else the awaitable that records, dry-runs or denies."""
+        decision = verdict.decision
+        if decision.allowed and verdict.shadow is None and not self._audit_allows():
             if not provisional:
                 _CALLER.set((verdict, metadata))
             return verdict
-        return await self._after_check(verdict, method, context, metadata, model, request_streaming, provisional)
-
-    async def _after_check(self, verdict: Verdict, method: str, context: aio.ServicerContext,
-                           metadata: Sequence[Any], model: CallModel, request_streaming: bool,
-                           provisional: bool) -> Verdict | None:
-        """A verdict with something to do: deny, record, dry-run, or hand a provisional one on."""
-        decision = verdict.decision
         if provisional and (decision.allowed or decision.status is grpc.StatusCode.PERMISSION_DENIED):
             # The caller is authenticated: its body may be decoded, and `enforce_model` decides (and
             # audits, with the model the body names). An unauthenticated caller is denied here, its
             # body unread (audited with model "*").
             return verdict
-        return await self._settle(method, context, metadata, verdict, model, announce=request_streaming)
+        return self._settle(method, context, metadata, verdict, model, announce=request_streaming)
 
     async def enforce_model(self, method: str, context: aio.ServicerContext, metadata: Sequence[Any],
                             verdict: Verdict, model: ModelRef, *, abort: bool = False) -> Verdict | None:

@@ -123,12 +123,12 @@ class Enforcer:
         return now if isinstance(now, Verdict) else await now
 
     async def _check_failed(self, method: str, context: aio.ServicerContext, model: CallModel,
-                            request_streaming: bool) -> None:
+                            request_streaming: bool = False, *, abort: bool = False) -> None:
         """Fail closed: a bug or an unexpected input in a check is a denial, never a pass."""
         request_id = new_request_id()
         log.exception("check failed for %s (request %s); denying", method, request_id)
         await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model,
-                         announce=request_streaming)
+                         announce=request_streaming, abort=abort)
 
     async def _verified(self, pending: TokenToVerify, method: str, context: aio.ServicerContext,
                         metadata: Sequence[Any], model: CallModel, request_streaming: bool,
@@ -167,10 +167,7 @@ class Enforcer:
         try:
             checked = self._guard.authorize(method, verdict, metadata, model)
         except Exception:
-            request_id = new_request_id()
-            log.exception("check failed for %s (request %s); denying", method, request_id)
-            await self._deny(method, context, Verdict(Decision.deny(Reason.CHECK_ERROR)), request_id, model,
-                             abort=abort)
+            await self._check_failed(method, context, model, abort=abort)
             return None
         return await self._settle(method, context, metadata, checked, model, abort=abort)
 

@@ -414,7 +414,6 @@ class TokenVerifier:
         }
 
     # The interceptor calls the function through the verifier; it needs no state.
-    parse_authorization = staticmethod(parse_authorization)
 
     @property
     def cache(self) -> Mapping[str, VerifiedToken]:

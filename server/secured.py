@@ -329,7 +329,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
         first = self._enforcer.enforce_now(method, context, metadata, model, request_streaming=request_streaming,
                                            provisional=body_model is not None)
         if isinstance(first, Verdict) and body_model is None and not streaming:
-            if decode is None or request_streaming:
+            if decode is None:
                 return raw, release_nothing
             try:
                 return _decode_body(decode, raw), release_nothing
@@ -373,8 +373,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
                            started: float) -> NoReturn:
         """An allowed caller's body is not the method's message: INVALID_ARGUMENT naming the expected
         type, nothing more (ends the call: raises)."""
-        message = f"request is not a valid {_message_name(decode)} message"
-        await self._fail(method, context, InvalidArgument(message), started)
+        await self._fail(method, context, InvalidArgument(_not_valid(decode)), started)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     def _count(self, method: str, context: aio.ServicerContext, started: float) -> None:
@@ -401,9 +400,11 @@ def _decode_body(decode: Callable[[bytes], Any], raw: bytes) -> Any:
     return decode(raw)
 
 
-def _message_name(decode: Callable[[bytes], Any]) -> str:
+def _not_valid(decode: Callable[[bytes], Any]) -> str:
+    """What an allowed caller hears of a body that is not the method's message: its expected type."""
     descriptor = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
-    return str(getattr(descriptor, "full_name", "")) or "protobuf"
+    name = str(getattr(descriptor, "full_name", "")) or "protobuf"
+    return f"request is not a valid {name} message"
 
 
 def _decode_request_stream(behavior: Callable[..., Any], decode: Callable[[bytes], Any] | None) -> Callable[..., Any]:
@@ -417,7 +418,7 @@ def _decode_request_stream(behavior: Callable[..., Any], decode: Callable[[bytes
             try:
                 message = decode(raw)
             except Exception:
-                raise InvalidArgument(f"request is not a valid {_message_name(decode)} message") from None
+                raise InvalidArgument(_not_valid(decode)) from None
             yield message
 
     return _on_request_stream(behavior, decoded)

@@ -577,6 +577,8 @@ def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], 
                     proc.kill()
                     proc.wait()
             server.child.stop()
+        # Then the same load on a fresh aigis server, timed from inside with no sampler attached.
+        timed = time_security_path(suite, model, workdir, progress) if kind == "aigis" and load == "add" else None
     if not out.exists():
         raise BenchError(f"py-spy wrote no profile to {out} (is ptrace allowed here?)")
     calls = window["requests"] + sum(window.get("flood", {}).get("codes", {}).values())
@@ -584,39 +586,36 @@ def run_profile(settings: Settings, out: Path, progress: Callable[[str], None], 
     # idle threads are not sampled, so the samples are the window's CPU, spread over its calls.
     result = {"kind": kind, "load": load, "window": window, "profile": profile_summary(out, calls, PROFILE_RATE),
               "profile_file": str(out)}
-    if kind == "aigis" and load == "add":
-        result["timed"] = run_security_timing(settings, progress)
+    if timed is not None:
+        result["timed"] = timed
     return result
 
 
-def run_security_timing(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
+def time_security_path(suite: Suite, model: ModelSetup, workdir: Path,
+                       progress: Callable[[str], None]) -> dict[str, Any]:
     """The security path timed from inside a fresh aigis server (aigis.benchmarks.spans) during one
     window of Add at the highest load, no sampler attached."""
     from aigis.benchmarks import spans  # the server's modules: only with the server extra installed
 
-    with tempfile.TemporaryDirectory(prefix="aigis-bench-timing-") as tmp:
-        workdir = Path(tmp)
-        suite = Suite(settings, workdir)
-        model = prepare_model(settings.model_dirs[0], workdir / "models", settings)
-        figures_file = workdir / "security-path.json"
-        (server,) = start_servers(("aigis",), model.dirs["off"], suite.pki, workdir, "timing",
-                                  timing_out=figures_file)
-        try:
-            token = fetch_token(server, suite.pki)
-            loads = suite.valid_loads("add", settings.top_in_flight, token, None)
-            progress(f"timing the security path inside aigis under Add @{settings.top_in_flight} "
-                     f"for {settings.seconds:g} s")
-            window = run_window(server, loads, settings.timing, workdir,
-                                at_start=lambda: server.child.signal(signal.SIGUSR1),
-                                at_end=lambda: server.child.signal(signal.SIGUSR2))
-            deadline = time.monotonic() + 10
-            while not figures_file.exists():
-                if time.monotonic() > deadline:
-                    raise BenchError("the aigis server wrote no security-path figures")
-                time.sleep(0.05)
-            figures = json.loads(figures_file.read_text(encoding="utf-8"))
-        finally:
-            server.child.stop()
+    settings = suite.settings
+    figures_file = workdir / "security-path.json"
+    (server,) = start_servers(("aigis",), model.dirs["off"], suite.pki, workdir, "timing", timing_out=figures_file)
+    try:
+        token = fetch_token(server, suite.pki)
+        loads = suite.valid_loads("add", settings.top_in_flight, token, None)
+        progress(f"timing the security path inside aigis under Add @{settings.top_in_flight} "
+                 f"for {settings.seconds:g} s")
+        window = run_window(server, loads, settings.timing, workdir,
+                            at_start=lambda: server.child.signal(signal.SIGUSR1),
+                            at_end=lambda: server.child.signal(signal.SIGUSR2))
+        deadline = time.monotonic() + 10
+        while not figures_file.exists():
+            if time.monotonic() > deadline:
+                raise BenchError("the aigis server wrote no security-path figures")
+            time.sleep(0.05)
+        figures = json.loads(figures_file.read_text(encoding="utf-8"))
+    finally:
+        server.child.stop()
     return {"window": window, "figures": figures, "us_per_call": spans.per_call(figures)}
 
 
